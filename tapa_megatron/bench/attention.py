@@ -1,0 +1,233 @@
+"""Attention benchmark: TAPA (Triton, torch path, reference) beside PyTorch SDPA on the same shapes.
+
+FLOPs are counted as FlashAttention does: 4 * B * H * S^2 * D, halved for causal, for the forward
+pass and 2.5x that for forward + backward. TAPA's two half-width score products (amplitude and
+phase) add up to one full-width QK^T, so the same count applies to both.
+"""
+
+import dataclasses
+import os
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from tapa_megatron.ops import tapa_attention
+
+IMPLEMENTATIONS = ("triton", "torch", "reference", "sdpa")
+
+
+@dataclasses.dataclass
+class Row:
+    seq: int
+    impl: str
+    fwd_ms: float | None = None
+    fwd_bwd_ms: float | None = None
+    fwd_tflops: float | None = None
+    fwd_bwd_tflops: float | None = None
+    peak_mib: float | None = None
+    note: str = ""
+
+
+def attention_flops(batch, heads, seq, head_dim, causal=True):
+    flops = 4 * batch * heads * seq * seq * head_dim
+    return flops / 2 if causal else flops
+
+
+def device_description(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.processor() or platform.machine()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def versions():
+    parts = [f"python {platform.python_version()}", f"torch {torch.__version__}"]
+    try:
+        import triton
+
+        parts.append(f"triton {triton.__version__}")
+    except ImportError:
+        parts.append("triton not installed")
+    if torch.version.cuda:
+        parts.append(f"CUDA {torch.version.cuda}")
+    return ", ".join(parts)
+
+
+def _time_ms(fn, device, repeats):
+    """Median wall time of fn in ms: triton.testing.do_bench on CUDA, perf_counter on CPU."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=5, rep=max(repeats * 10, 25))
+    fn()  # warm-up
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)
+
+
+def _attention_fn(impl, args):
+    if impl == "sdpa":
+        # SDPA takes (B, H, S, D); on CUDA force the flash kernel, the choice of a RoPE user.
+        def run(q, k, v):
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+            if q.is_cuda:
+                from torch.nn.attention import SDPBackend, sdpa_kernel
+
+                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                    return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+
+        return run
+    return lambda q, k, v: tapa_attention(q, k, v, alpha=args.alpha, theta=args.theta, backend=impl)
+
+
+def _reference_bytes(batch, heads, seq, dtype):
+    """The reference keeps about six (S, S) matrices per head alive through backward."""
+    return 6 * batch * heads * seq * seq * torch.finfo(dtype).bits // 8
+
+
+def measure(impl, seq, args, device, dtype):
+    row = Row(seq=seq, impl=impl)
+    if impl == "reference" and _reference_bytes(args.batch, args.heads, seq, dtype) > args.max_reference_gib * 2**30:
+        need = _reference_bytes(args.batch, args.heads, seq, dtype) / 2**30
+        row.note = f"skipped: needs ~{need:.0f} GiB for full score matrices"
+        return row
+    gen = torch.Generator(device=device).manual_seed(0)
+    shape = (args.batch, seq, args.heads, args.head_dim)
+    q, k, v = (torch.randn(shape, generator=gen, device=device, dtype=dtype).requires_grad_() for _ in range(3))
+    d_out = torch.randn(shape, generator=gen, device=device, dtype=dtype)
+    attend = _attention_fn(impl, args)
+
+    def forward():
+        with torch.no_grad():
+            attend(q, k, v)
+
+    def forward_backward():
+        torch.autograd.grad(attend(q, k, v), (q, k, v), d_out)
+
+    flops = attention_flops(args.batch, args.heads, seq, args.head_dim)
+    try:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        row.fwd_ms = _time_ms(forward, device, args.repeats)
+        row.fwd_bwd_ms = _time_ms(forward_backward, device, args.repeats)
+        if device.type == "cuda":
+            row.peak_mib = torch.cuda.max_memory_allocated(device) / 2**20
+    except torch.OutOfMemoryError:
+        row.note = "out of memory"
+    except RuntimeError as err:  # e.g. no flash kernel for this dtype/device
+        row.note = f"failed: {str(err).splitlines()[0][:60]}"
+    finally:
+        del q, k, v, d_out
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if row.fwd_ms:
+        row.fwd_tflops = flops / row.fwd_ms / 1e9
+    if row.fwd_bwd_ms:
+        row.fwd_bwd_tflops = 2.5 * flops / row.fwd_bwd_ms / 1e9
+    return row
+
+
+def _fmt(value, digits=2):
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def format_table(rows, baseline="sdpa"):
+    base = {r.seq: r for r in rows if r.impl == baseline}
+    header = ("seq", "impl", "fwd ms", "fwd+bwd ms", "fwd TFLOP/s", "fwd+bwd TFLOP/s", "peak MiB", f"vs {baseline}", "")
+    lines = [header]
+    for r in rows:
+        ratio = None
+        ref = base.get(r.seq)
+        if ref and ref.fwd_bwd_ms and r.fwd_bwd_ms:
+            ratio = ref.fwd_bwd_ms / r.fwd_bwd_ms
+        lines.append((str(r.seq), r.impl, _fmt(r.fwd_ms), _fmt(r.fwd_bwd_ms), _fmt(r.fwd_tflops, 3),
+                      _fmt(r.fwd_bwd_tflops, 3), _fmt(r.peak_mib, 0), "-" if ratio is None else f"{ratio:.2f}x",
+                      r.note))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    text = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(line, widths)) + " |" for line in lines]
+    text.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(text)
+
+
+def plot(rows, path, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for impl in dict.fromkeys(r.impl for r in rows):
+        points = [(r.seq, r.fwd_bwd_tflops) for r in rows if r.impl == impl and r.fwd_bwd_tflops]
+        if points:
+            ax.plot(*zip(*points), marker="o", label=impl)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("sequence length (tokens)")
+    ax.set_ylabel("fwd+bwd TFLOP/s (causal)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def add_arguments(parser):
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
+                        help="default: bf16 on CUDA, fp32 on CPU")
+    parser.add_argument("--seqlens", type=int, nargs="+", default=None,
+                        help="default: 1K..128K on CUDA, 256..2K on CPU")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--heads", type=int, default=None, help="default: 32 on CUDA, 4 on CPU")
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--alpha", type=float, default=0.1)
+    parser.add_argument("--theta", type=float, default=0.5)
+    parser.add_argument("--impls", nargs="+", choices=IMPLEMENTATIONS, default=None,
+                        help="default: all on CUDA; torch, reference, sdpa on CPU (Triton's interpreter is not a speed)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--max-reference-gib", type=float, default=16.0,
+                        help="skip the reference where its score matrices would need more memory than this")
+    parser.add_argument("--plot", default=None, help="also write a PNG of fwd+bwd TFLOP/s against length")
+
+
+def run(args):
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype or ("bf16" if cuda else "fp32")]
+    args.heads = args.heads or (32 if cuda else 4)
+    seqlens = args.seqlens or ([2**i for i in range(10, 18)] if cuda else [256, 512, 1024, 2048])
+    impls = args.impls or (IMPLEMENTATIONS if cuda else ("torch", "reference", "sdpa"))
+    title = (f"{device_description(device)} | {versions()}\n"
+             f"{str(dtype).removeprefix('torch.')}, causal, batch {args.batch}, heads {args.heads}, "
+             f"head_dim {args.head_dim}, alpha {args.alpha}, theta {args.theta}")
+    print(f"# TAPA attention benchmark\n# {title.replace(chr(10), chr(10) + '# ')}", flush=True)
+    rows = []
+    for seq in seqlens:
+        for impl in impls:
+            row = measure(impl, seq, args, device, dtype)
+            rows.append(row)
+            print(f"  seq {seq:>6} {impl:<9} fwd+bwd {_fmt(row.fwd_bwd_ms)} ms {row.note}", flush=True)
+    print(format_table(rows))
+    if args.plot:
+        plot(rows, args.plot, title)
+        print(f"plot: {args.plot}")
+    return rows
+
+
+def main(argv=None):
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m tapa_megatron.bench attention", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
