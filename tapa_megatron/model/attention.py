@@ -1,0 +1,133 @@
+"""Core-attention submodules for Megatron-Core's SelfAttention: TAPA, and RoPE for the baselines.
+
+Both plug into the GPT layer spec as `core_attention` (see specs.py) with the model's
+position_embedding_type = "none": position information enters here, from token positions, so TAPA
+and its RoPE twins differ in one submodule and nothing else.
+
+Megatron hands core attention q [sq, b, heads, D] and k, v [sk, b, groups, D] (or [t, heads, D]
+for packed 'thd' batches) and expects [sq, b, heads * D] back.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from tapa_megatron.model.rope import apply_rope, rope_inverse_frequencies, yarn_attention_scale
+from tapa_megatron.ops import tapa_attention, tapa_attention_varlen
+
+
+@dataclass
+class TapaTransformerConfig(TransformerConfig):
+    """Megatron's TransformerConfig plus the position scheme's settings (saved with checkpoints)."""
+
+    position_scheme: str = "tapa"  # "tapa" or "rope"
+    tapa_alpha: float = 0.1
+    tapa_theta: float = 0.5
+    tapa_phase: str = "quadratic"
+    tapa_backend: str = "auto"
+    rope_base: float = 500000.0
+    rope_scaling: str = "none"  # "none", "pi", "yarn"
+    rope_scaling_factor: float = 1.0
+    rope_original_max_position: int = 8192
+
+
+def _check_supported(config, attn_mask_type, cp_comm_type):
+    if attn_mask_type != AttnMaskType.causal:
+        raise ValueError(f"{attn_mask_type} is not supported: TAPA GPT layers use causal attention.")
+    if config.context_parallel_size > 1:
+        raise NotImplementedError(
+            "context_parallel_size > 1 needs TAPA's context-parallel attention, which is not built yet; "
+            "train with context_parallel_size = 1."
+        )
+
+
+def _refuse_mask(attention_mask):
+    if attention_mask is not None:
+        raise ValueError(
+            "TAPA/RoPE core attention takes its causal mask from token positions and ignores dense masks; "
+            "build batches without attention_mask (GPTDatasetConfig(create_attention_mask=False)) and pack "
+            "documents with packed_seq_params instead."
+        )
+
+
+def _packed_layout(packed_seq_params):
+    """cu_seqlens and max lengths of a 'thd' batch (padded boundaries when given)."""
+    p = packed_seq_params
+    cu_q = p.cu_seqlens_q_padded if p.cu_seqlens_q_padded is not None else p.cu_seqlens_q
+    cu_k = p.cu_seqlens_kv_padded if p.cu_seqlens_kv_padded is not None else p.cu_seqlens_kv
+    return cu_q, cu_k, int(p.max_seqlen_q), int(p.max_seqlen_kv)
+
+
+class TapaCoreAttention(MegatronModule):
+    """TAPA attention as a Megatron core-attention module: no parameters, causal by positions."""
+
+    def __init__(self, config: TapaTransformerConfig, layer_number, attn_mask_type, attention_type,
+                 attention_dropout=None, softmax_scale=None, cp_comm_type=None, pg_collection=None):
+        super().__init__(config=config)
+        _check_supported(config, attn_mask_type, cp_comm_type)
+        if (attention_dropout if attention_dropout is not None else config.attention_dropout) > 0:
+            raise ValueError("attention_dropout > 0 is not supported by TAPA core attention; set it to 0.")
+        self.options = dict(alpha=config.tapa_alpha, theta=config.tapa_theta, phase=config.tapa_phase,
+                            backend=config.tapa_backend)
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        _refuse_mask(attention_mask)
+        if attention_bias is not None:
+            raise ValueError("attention_bias is not supported by TAPA core attention.")
+        if packed_seq_params is not None:
+            cu_q, cu_k, max_q, max_k = _packed_layout(packed_seq_params)
+            out = tapa_attention_varlen(query, key, value, cu_q, cu_k, max_q, max_k, causal=True, **self.options)
+            return out.reshape(out.shape[0], -1)
+        q, k, v = (t.transpose(0, 1) for t in (query, key, value))  # [s, b, h, D] -> [b, s, h, D]
+        out = tapa_attention(q, k, v, causal=True, **self.options)
+        return out.transpose(0, 1).reshape(query.shape[0], query.shape[1], -1)
+
+
+class RotaryCoreAttention(MegatronModule):
+    """Causal softmax attention with RoPE (plain, PI or YaRN) applied to q and k from positions."""
+
+    def __init__(self, config: TapaTransformerConfig, layer_number, attn_mask_type, attention_type,
+                 attention_dropout=None, softmax_scale=None, cp_comm_type=None, pg_collection=None):
+        super().__init__(config=config)
+        _check_supported(config, attn_mask_type, cp_comm_type)
+        head_dim = config.kv_channels
+        self.register_buffer(
+            "inv_freq",
+            rope_inverse_frequencies(head_dim, config.rope_base, config.rope_scaling, config.rope_scaling_factor,
+                                     config.rope_original_max_position),
+            persistent=False,
+        )
+        self.qk_scale = yarn_attention_scale(config.rope_scaling, config.rope_scaling_factor)
+        self.softmax_scale = softmax_scale
+        self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+
+    def _attend(self, q, k, v):
+        """q (b, s, h, D), k/v (b, s, g, D), positions arange: causal SDPA with GQA."""
+        positions = torch.arange(q.shape[1], device=q.device).expand(q.shape[0], -1)
+        q = apply_rope(q, positions, self.inv_freq, self.qk_scale)
+        k = apply_rope(k, positions, self.inv_freq, self.qk_scale)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale,
+                                             dropout_p=self.dropout if self.training else 0.0,
+                                             enable_gqa=q.shape[1] != k.shape[1])
+        return out.transpose(1, 2)
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        _refuse_mask(attention_mask)
+        if attention_bias is not None:
+            raise ValueError("attention_bias is not supported by RoPE core attention.")
+        if packed_seq_params is not None:  # one document at a time, positions restarting at 0
+            cu_q, cu_k, _, _ = _packed_layout(packed_seq_params)
+            bounds = zip(cu_q.tolist(), cu_q.tolist()[1:], cu_k.tolist(), cu_k.tolist()[1:])
+            out = torch.cat([self._attend(query[None, q0:q1], key[None, k0:k1], value[None, k0:k1])[0]
+                             for q0, q1, k0, k1 in bounds])
+            return out.reshape(out.shape[0], -1)
+        q, k, v = (t.transpose(0, 1) for t in (query, key, value))
+        out = self._attend(q, k, v)
+        return out.transpose(0, 1).reshape(query.shape[0], query.shape[1], -1)

@@ -1,0 +1,39 @@
+"""GPT layer specs with TAPA (or RoPE) core attention, built from Megatron-Core's own specs.
+
+Megatron's spec builders give the LLaMA layer (RMSNorm, SwiGLU, fused QKV, no biases); we replace
+one submodule, `self_attention.submodules.core_attention`, which is Megatron's extension point.
+"""
+
+import importlib.util
+
+import torch
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
+
+from tapa_megatron.model.attention import RotaryCoreAttention, TapaCoreAttention
+
+CORE_ATTENTION = {"tapa": TapaCoreAttention, "rope": RotaryCoreAttention}
+
+
+def transformer_engine_available():
+    return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
+
+
+def gpt_layer_spec(position="tapa", use_transformer_engine=None):
+    """The layer spec for `position` ("tapa" or "rope").
+
+    use_transformer_engine: None picks Transformer Engine's linears and norms when it is importable
+    on a CUDA machine, Megatron's local modules otherwise (the CPU path).
+    """
+    if position not in CORE_ATTENTION:
+        raise ValueError(f"position={position!r} is unknown; use one of {sorted(CORE_ATTENTION)}.")
+    if use_transformer_engine is None:
+        use_transformer_engine = transformer_engine_available()
+    if use_transformer_engine:
+        spec = get_gpt_layer_with_transformer_engine_spec()
+    else:
+        spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec.submodules.self_attention.submodules.core_attention = CORE_ATTENTION[position]
+    return spec
