@@ -62,6 +62,11 @@ def _convert(value, tp, key):
         raise ConfigError(f"{key}: expected true or false, got {value!r}")
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp in (int, float, str) and isinstance(value, tp) and not isinstance(value, bool):
         return value
     raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
