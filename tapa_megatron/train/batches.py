@@ -1,0 +1,27 @@
+"""Global batches from a GPTDataset, addressed by the number of samples consumed so far.
+
+Step s uses samples [s*G, (s+1)*G) of the dataset (G = global batch size); data-parallel rank r takes
+the r-th contiguous slice of them, cut into micro-batches. A resumed run therefore sees exactly the
+samples an uninterrupted run would, on any layout with the same global batch size.
+"""
+
+import torch
+
+
+def global_batch_samples(step, global_batch_size, data_parallel_size, data_parallel_rank):
+    per_rank = global_batch_size // data_parallel_size
+    start = step * global_batch_size + data_parallel_rank * per_rank
+    return range(start, start + per_rank)
+
+
+def micro_batches(dataset, step, training, data_parallel_size, data_parallel_rank, device):
+    """This rank's micro-batches for step: a list of dicts of (micro_batch, seq) tensors."""
+    indices = list(global_batch_samples(step, training.global_batch_size, data_parallel_size, data_parallel_rank))
+    batches = []
+    for start in range(0, len(indices), training.micro_batch_size):
+        samples = [dataset[i] for i in indices[start : start + training.micro_batch_size]]
+        batches.append({
+            key: torch.stack([torch.as_tensor(sample[key]) for sample in samples]).to(device)
+            for key in ("tokens", "labels", "loss_mask")
+        })
+    return batches

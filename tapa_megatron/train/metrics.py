@@ -1,0 +1,76 @@
+"""What a run shows while it trains: one console line per logged step (step, loss, lr, grad norm,
+tokens/s, TFLOP/s and MFU where the GPU's peak is known, ETA, a progress bar) and TensorBoard events."""
+
+import time
+from pathlib import Path
+
+import torch
+
+# Dense bf16 peak TFLOP/s of common training GPUs, for MFU.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "B200": 2250.0}
+
+
+def peak_tflops():
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((peak for key, peak in PEAK_TFLOPS.items() if key in name), None)
+
+
+def flops_per_token(num_parameters, num_layers, hidden_size, seq_length):
+    """Training FLOPs per token: 6N for the weights plus causal attention's two score/value products
+    (forward + backward: 3 x 2 x 2 x layers x hidden x seq / 2)."""
+    return 6 * num_parameters + 6 * num_layers * hidden_size * seq_length
+
+
+def _bar(done, total, width=20):
+    filled = int(width * done / max(total, 1))
+    return "[" + "#" * filled + "." * (width - filled) + "]"
+
+
+def _duration(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class Metrics:
+    def __init__(self, run_dir, total_steps, tokens_per_step, flops_per_step, world_size, enabled, tensorboard=True):
+        self.total_steps, self.tokens_per_step, self.flops_per_step = total_steps, tokens_per_step, flops_per_step
+        self.world_size, self.enabled = world_size, enabled
+        self.peak = peak_tflops()
+        self.writer = None
+        if enabled and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+        self.last_time = None
+        self.history = []
+
+    def start(self):
+        self.last_time = time.perf_counter()
+
+    def log(self, step, loss, lr, grad_norm, steps_since_last):
+        """step counts completed optimizer steps (1-based)."""
+        now = time.perf_counter()
+        seconds_per_step = (now - self.last_time) / max(steps_since_last, 1)
+        self.last_time = now
+        tokens_per_s = self.tokens_per_step / seconds_per_step
+        tflops = self.flops_per_step / seconds_per_step / 1e12
+        record = dict(step=step, loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_s=tokens_per_s,
+                      tflops_per_gpu=tflops / self.world_size)
+        self.history.append(record)
+        if not self.enabled:
+            return record
+        mfu = f" mfu {100 * tflops / self.world_size / self.peak:.1f}%" if self.peak else ""
+        eta = _duration(seconds_per_step * (self.total_steps - step))
+        print(f"{_bar(step, self.total_steps)} step {step}/{self.total_steps} | loss {loss:.4f} | lr {lr:.3g} | "
+              f"grad norm {grad_norm:.3f} | {tokens_per_s:,.0f} tok/s | {tflops:.3f} TFLOP/s{mfu} | ETA {eta}",
+              flush=True)
+        if self.writer:
+            for key in ("loss", "lr", "grad_norm", "tokens_per_s"):
+                self.writer.add_scalar(f"train/{key}", record[key], step)
+        return record
+
+    def close(self):
+        if self.writer:
+            self.writer.close()

@@ -1,0 +1,145 @@
+"""The training loop. Reads top to bottom: parallel setup, tokenizer and model, optimizer engine,
+resume or extension start, data, then steps with logging and checkpoints.
+
+    from tapa_megatron.train import train
+    result = train(run_config)      # in every rank of a torchrun / spawn launch, or alone
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from tapa_megatron.config import dump_yaml, to_dict
+from tapa_megatron.data.dataset import build_datasets
+from tapa_megatron.data.tokenizer import load_tokenizer
+from tapa_megatron.model import build_gpt_model, transformer_config
+from tapa_megatron.train import checkpoint
+from tapa_megatron.train.batches import micro_batches
+from tapa_megatron.train.distributed import setup_parallel, teardown_parallel
+from tapa_megatron.train.engine import build_engine
+from tapa_megatron.train.metrics import Metrics, flops_per_token
+
+VOCAB_MULTIPLE = 128  # the embedding is padded so every tensor-parallel rank gets an equal, aligned slice
+
+
+@dataclass
+class TrainResult:
+    losses: list  # (step, loss, grad_norm) for every step this call ran
+    final_checkpoint: Path | None
+    start_step: int
+
+
+def padded_vocab_size(vocab_size, tensor_parallel):
+    multiple = VOCAB_MULTIPLE * tensor_parallel
+    return -(-vocab_size // multiple) * multiple
+
+
+def _precision(cfg):
+    bf16 = cfg.training.precision == "bf16" or (cfg.training.precision == "auto" and torch.cuda.is_available())
+    return torch.bfloat16 if bf16 else torch.float32
+
+
+def _check_extension_source(source, cfg, say):
+    """The source checkpoint must hold the same architecture and position scheme."""
+    saved, ours = checkpoint.load_common(source)["config"]["model"], to_dict(cfg.model)
+    keys = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
+            "tie_embeddings", "position")
+    mismatch = [f"{key}: {saved[key]} in {source}, {ours[key]} here" for key in keys if saved[key] != ours[key]]
+    if mismatch:
+        raise ValueError("checkpoint.init_from does not match this model: " + "; ".join(mismatch))
+    if saved["tapa"] != ours["tapa"]:
+        say(f"[extend] warning: TAPA settings change from {saved['tapa']} to {ours['tapa']} "
+            "(the paper extends with them unchanged)")
+    say(f"[extend] starting from {source}")
+
+
+def train(cfg, report=print):
+    env = setup_parallel(cfg)
+    say = report if env.is_logging_rank else (lambda *_: None)
+    try:
+        return _train(cfg, env, say)
+    finally:
+        teardown_parallel()
+
+
+def _train(cfg, env, say):
+    run_dir = Path(cfg.run_dir)
+    if env.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_yaml(cfg, run_dir / "config.yaml")
+    dist.barrier()
+
+    # Model for this pipeline stage. Weights are drawn on CPU from one seed, whatever the layout.
+    tokenizer = load_tokenizer(Path(cfg.data.path) / "tokenizer.json")
+    vocab_size = padded_vocab_size(cfg.model.vocab_size or tokenizer.vocab_size, cfg.parallel.tensor)
+    dtype = _precision(cfg)
+    config = transformer_config(cfg.model, tensor_parallel=cfg.parallel.tensor,
+                                pipeline_parallel=cfg.parallel.pipeline, context_parallel=cfg.parallel.context,
+                                sequence_parallel=cfg.parallel.sequence_parallel, params_dtype=dtype,
+                                bf16=dtype == torch.bfloat16, recompute=cfg.training.recompute)
+    torch.manual_seed(cfg.training.seed)
+    model = build_gpt_model(cfg.model, config, vocab_size=vocab_size, max_sequence_length=cfg.data.seq_length,
+                            pre_process=parallel_state.is_pipeline_first_stage(),
+                            post_process=parallel_state.is_pipeline_last_stage()).to(env.device)
+    seq, micro = cfg.data.seq_length, cfg.training.micro_batch_size
+    engine = build_engine(model, cfg, activation_shape=(seq, micro, cfg.model.hidden_size), dtype=dtype)
+
+    # Where to start: the run's own newest checkpoint, else (extension) another run's weights, else step 0.
+    start_step = 0
+    latest = checkpoint.latest_checkpoint(checkpoint.checkpoint_root(run_dir), report=say) \
+        if cfg.checkpoint.resume == "auto" else None
+    if latest is not None:
+        start_step = checkpoint.load_checkpoint(latest, model, engine)["step"]
+        say(f"[resume] continuing from {latest} at step {start_step}")
+    elif cfg.checkpoint.init_from:
+        source = checkpoint.resolve_checkpoint(cfg.checkpoint.init_from)
+        _check_extension_source(source, cfg, say)
+        checkpoint.load_checkpoint(source, model, engine, with_optimizer=not cfg.checkpoint.reset_optimizer)
+        if cfg.checkpoint.reset_optimizer:
+            say("[extend] weights loaded; optimizer and lr schedule start afresh")
+
+    # Data: every step's global batch is fixed by the step number, so resuming needs no data state.
+    t = cfg.training
+    samples = max(t.steps * t.global_batch_size, 1)
+    if env.rank != 0:
+        dist.barrier()  # rank 0 writes megatron's index cache first; the others then read it
+    train_ds, _ = build_datasets(cfg.data.path, tokenizer, seq, cfg.data.seed, samples, 1,
+                                 split=cfg.data.split)
+    if env.rank == 0:
+        dist.barrier()
+
+    tokens_per_step = t.global_batch_size * seq
+    num_params = cfg.model.num_parameters(vocab_size)
+    metrics = Metrics(run_dir, t.steps, tokens_per_step,
+                      tokens_per_step * flops_per_token(num_params, cfg.model.num_layers, cfg.model.hidden_size, seq),
+                      env.world_size, enabled=env.is_logging_rank, tensorboard=t.tensorboard)
+    say(f"[train] {cfg.name}: {num_params / 1e6:.2f}M parameters, {cfg.model.position}, seq {seq}, "
+        f"global batch {t.global_batch_size}, world {env.world_size} (tp {cfg.parallel.tensor}, "
+        f"pp {cfg.parallel.pipeline}, dp {env.data_parallel_size}), steps {start_step}..{t.steps}")
+
+    last_step = t.steps if t.exit_after_steps is None else min(t.steps, start_step + t.exit_after_steps)
+    losses = []
+    metrics.start()
+    since_log = 0
+    for step in range(start_step, last_step):
+        batches = micro_batches(train_ds, step, t, env.data_parallel_size, env.data_parallel_rank, env.device)
+        result = engine.train_step(batches)
+        losses.append((step, result.loss, result.grad_norm))
+        since_log += 1
+        done = step + 1
+        if done % t.log_every == 0 or done == t.steps:
+            metrics.log(done, result.loss, result.lr, result.grad_norm, since_log)
+            since_log = 0
+        if cfg.checkpoint.save_every and done % cfg.checkpoint.save_every == 0 and done < last_step:
+            checkpoint.save_checkpoint(run_dir, done, model, engine, done * t.global_batch_size, to_dict(cfg),
+                                       keep=cfg.checkpoint.keep, report=say)
+    final = checkpoint.save_checkpoint(run_dir, last_step, model, engine, last_step * t.global_batch_size,
+                                       to_dict(cfg), keep=cfg.checkpoint.keep, report=say)
+    if last_step < t.steps:
+        say(f"[train] stopped after step {last_step} of {t.steps} (training.exit_after_steps); "
+            "run again with checkpoint.resume=auto to continue")
+    metrics.close()
+    return TrainResult(losses=losses, final_checkpoint=final, start_step=start_step)
