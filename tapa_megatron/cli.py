@@ -1,13 +1,139 @@
-"""The `tapa` command. Each subcommand parses its arguments, then calls one function of the package."""
+"""The `tapa` command. Each subcommand parses its arguments, then calls one function of the package.
+
+    tapa data prepare --corpus gutenberg --out data/gutenberg
+    tapa train tiny-cpu training.steps=50
+    tapa extend tiny-cpu-extend --from runs/tiny-cpu
+    tapa bench attention
+"""
 
 import argparse
+import os
+import sys
+import warnings
+from pathlib import Path
 
-from tapa_megatron.bench import attention as bench_attention
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+# megatron-core without Transformer Engine / Apex (any CPU machine) warns on every import.
+for message in ("Transformer Engine and Apex are not installed", "Apex is not installed", "full scope is deprecated",
+                "When using async grad allreduce", "Please use DTensor instead", "`load_state_dict` is deprecated"):
+    warnings.filterwarnings("ignore", message=message)
+
+
+def resolve_recipe(name):
+    """A recipe path, or a name from recipes/ (with or without .yaml)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    for candidate in (RECIPES_DIR / name, RECIPES_DIR / f"{name}.yaml", Path("recipes") / f"{name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    known = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+    raise SystemExit(f"tapa: no recipe {name!r}: not a file, and not one of recipes/: {', '.join(known)}")
+
+
+def _load_run_config(recipe, overrides):
+    from tapa_megatron.config import ConfigError, load_config
+    from tapa_megatron.train import RunConfig
+
+    try:
+        return load_config(RunConfig, resolve_recipe(recipe), overrides)
+    except ConfigError as err:
+        raise SystemExit(f"tapa: {err}") from None
+
+
+def _spawned_train(rank, world_size, port, cfg):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank))
+    from tapa_megatron.train import train
+
+    train(cfg)
+
+
+def _run_training(cfg, nproc):
+    """Train in this process (alone, or as one rank of torchrun/srun), or spawn nproc local CPU ranks."""
+    from tapa_megatron.train import train
+
+    world_size = int(os.environ.get("WORLD_SIZE", nproc))
+    try:
+        cfg.data_parallel_size(world_size)  # the layout must factor before any process starts
+    except ValueError as err:
+        raise SystemExit(f"tapa: {err}") from None
+    if nproc <= 1 or "WORLD_SIZE" in os.environ:
+        train(cfg)
+        return
+    import torch.multiprocessing as mp
+
+    from tapa_megatron.train.distributed import _free_port
+
+    mp.spawn(_spawned_train, args=(nproc, _free_port(), cfg), nprocs=nproc, join=True)
+
+
+def cmd_train(args):
+    _run_training(_load_run_config(args.recipe, args.overrides), args.nproc)
+
+
+def cmd_extend(args):
+    overrides = [*args.overrides, f"checkpoint.init_from={args.source}"]
+    _run_training(_load_run_config(args.recipe, overrides), args.nproc)
+
+
+def cmd_data_prepare(args):
+    from tapa_megatron.data import prepare
+
+    try:
+        prepare.run(args)
+    except (FileExistsError, FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"tapa data prepare: {err}") from None
+
+
+def cmd_bench_attention(args):
+    from tapa_megatron.bench import attention
+
+    attention.run(args)
+
+
+def _add_training_arguments(parser):
+    parser.add_argument("recipe", help="a recipe name from recipes/ (e.g. tiny-cpu) or a path to a YAML file")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="dotted overrides of the recipe, e.g. training.steps=50 model.tapa.alpha=0.2")
+    parser.add_argument("--nproc", type=int, default=1,
+                        help="spawn this many local processes (gloo on CPU); under torchrun/srun leave it at 1")
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="tapa", description="TAPA (Token-Aware Phase Attention) on Megatron-Core.")
+    from tapa_megatron.bench import attention as bench_attention
+    from tapa_megatron.data import prepare as data_prepare
+
+    parser = argparse.ArgumentParser(prog="tapa", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser(
+        "train", help="train a TAPA (or RoPE-baseline) GPT from a recipe",
+        description="Train from a recipe. The run directory (run_dir) gets config.yaml, checkpoints/ and "
+                    "tensorboard/; with checkpoint.resume=auto (the default) running the same command again "
+                    "continues from the newest complete checkpoint.")
+    _add_training_arguments(train)
+    train.set_defaults(handler=cmd_train)
+
+    extend = commands.add_parser(
+        "extend", help="continue a shorter-context checkpoint at a longer context (e.g. 8K -> 32K)",
+        description="The extension stage: start RECIPE (the longer-context recipe: its seq_length, parallel "
+                    "layout, steps and lr) from the weights of --from. The optimizer and lr schedule start afresh "
+                    "unless checkpoint.reset_optimizer=false. The TAPA settings stay as the paper keeps them.")
+    extend.add_argument("--from", dest="source", required=True,
+                        help="a checkpoint directory, or a run directory (its newest complete checkpoint)")
+    _add_training_arguments(extend)
+    extend.set_defaults(handler=cmd_extend)
+
+    data = commands.add_parser("data", help="prepare training data")
+    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
+    prepare = data_commands.add_parser("prepare", help="text/jsonl (or the bundled novels) -> tokenizer + "
+                                       "Megatron indexed dataset", description=data_prepare.__doc__,
+                                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    data_prepare.add_arguments(prepare)
+    prepare.set_defaults(handler=cmd_data_prepare)
 
     bench = commands.add_parser("bench", help="benchmarks that print tables (and plots)")
     benchmarks = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
@@ -15,14 +141,21 @@ def build_parser():
         "attention", help="TAPA attention (Triton, torch path, reference) beside SDPA: ms, TFLOP/s, memory",
         description=bench_attention.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     bench_attention.add_arguments(attention)
-    attention.set_defaults(handler=bench_attention.run)
+    attention.set_defaults(handler=cmd_bench_attention)
     return parser
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # key=value overrides may come after options too (tapa train R --nproc 2 training.steps=5)
+    args, extra = parser.parse_known_args(argv)
+    stray = [item for item in extra if item.startswith("-") or "=" not in item or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     args.handler(args)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

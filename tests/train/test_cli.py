@@ -1,0 +1,56 @@
+"""`tapa train` / `tapa extend` as a user runs them: a subprocess, a recipe, overrides."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tapa_megatron.config import load_config
+from tapa_megatron.train import RunConfig
+
+RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
+
+
+def tapa(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "tapa_megatron.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=600)
+
+
+def test_train_then_extend_from_the_command_line(novels_data, tmp_path):
+    common = [f"data.path={novels_data}", "data.split=1,1,0", "training.tensorboard=true"]
+    trained = tapa("train", "tiny-cpu", f"run_dir={tmp_path / 'pre'}", "training.steps=4", "optimizer.warmup_steps=1",
+                   "training.log_every=2", *common)
+    assert trained.returncode == 0, trained.stderr
+    assert "step 4/4" in trained.stdout and "tok/s" in trained.stdout and "ETA" in trained.stdout
+    assert (tmp_path / "pre" / "config.yaml").is_file()
+    assert any((tmp_path / "pre" / "tensorboard").iterdir())
+    saved = load_config(RunConfig, tmp_path / "pre" / "config.yaml")
+    assert saved.training.steps == 4 and saved.model.tapa.alpha == 0.1
+
+    extended = tapa("extend", "tiny-cpu-extend", "--from", str(tmp_path / "pre"), f"run_dir={tmp_path / 'ext'}",
+                    "training.steps=2", "optimizer.warmup_steps=0", "--nproc", "2", "parallel.tensor=2", *common)
+    assert extended.returncode == 0, extended.stderr
+    assert "[extend] starting from" in extended.stdout and "seq 512" in extended.stdout
+    assert (tmp_path / "ext" / "checkpoints" / "step_00000002" / "tapa_complete.json").is_file()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["train", "no-such-recipe"], "no recipe 'no-such-recipe'"),
+    (["train", "tiny-cpu", "model.tapa.phase=cubic"], "model.tapa.phase='cubic' is unknown"),
+    (["train", "tiny-cpu", "training.stepz=3"], "unknown key training.stepz"),
+    (["train", "tiny-cpu", "--nproc", "3", "parallel.tensor=2"], "world size 3 does not factor"),
+    (["train", "tiny-cpu", "--frobnicate"], "unrecognized arguments: --frobnicate"),
+])
+def test_bad_command_lines_fail_with_a_clear_message(args, message):
+    result = tapa(*args)
+    assert result.returncode != 0
+    assert message in result.stderr
+
+
+def test_every_recipe_parses():
+    paths = sorted(RECIPES_DIR.glob("*.yaml"))
+    assert paths
+    for path in paths:
+        cfg = load_config(RunConfig, path)
+        assert cfg.sized_for and cfg.description, path
