@@ -54,10 +54,11 @@ def _run_training(cfg, nproc):
     """Train in this process (alone, or as one rank of torchrun/srun), or spawn nproc local CPU ranks."""
     from tapa_megatron.train import train
 
-    world_size = int(os.environ.get("WORLD_SIZE", nproc))
+    from tapa_megatron.train.distributed import check_layout
+
     try:
-        cfg.data_parallel_size(world_size)  # the layout must factor before any process starts
-    except ValueError as err:
+        check_layout(cfg, int(os.environ.get("WORLD_SIZE", nproc)))
+    except (ValueError, NotImplementedError) as err:
         raise SystemExit(f"tapa: {err}") from None
     if nproc <= 1 or "WORLD_SIZE" in os.environ:
         train(cfg)

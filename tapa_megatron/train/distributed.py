@@ -46,17 +46,28 @@ def init_process_group():
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=rank, world_size=world_size)
 
 
-def setup_parallel(run_config):
-    """Initialise the process group and Megatron's parallel state for run_config.parallel."""
-    init_process_group()
-    world_size = dist.get_world_size()
+def check_layout(run_config, world_size):
+    """Refuse, before anything starts, a layout this machine cannot run. Returns the data-parallel size."""
     data_parallel = run_config.data_parallel_size(world_size)  # raises when the layout does not factor
     p = run_config.parallel
     if p.sequence_parallel and not torch.cuda.is_available():
         raise ValueError("parallel.sequence_parallel needs Transformer Engine on GPU; Megatron's CPU norms "
                          "refuse it. Set parallel.sequence_parallel=false on CPU.")
+    if run_config.training.recompute and not torch.cuda.is_available():
+        raise ValueError("training.recompute needs CUDA: megatron-core's activation checkpointing saves and restores "
+                         "CUDA RNG state. On CPU leave it null (TAPA's torch path already recomputes attention "
+                         "blocks in its backward).")
     if p.context > 1:
         raise NotImplementedError("parallel.context > 1: TAPA context parallelism is not built yet.")
+    return data_parallel
+
+
+def setup_parallel(run_config):
+    """Initialise the process group and Megatron's parallel state for run_config.parallel."""
+    init_process_group()
+    world_size = dist.get_world_size()
+    data_parallel = check_layout(run_config, world_size)
+    p = run_config.parallel
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=p.tensor, pipeline_model_parallel_size=p.pipeline, context_parallel_size=p.context
     )

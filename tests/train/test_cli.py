@@ -41,6 +41,8 @@ def test_train_then_extend_from_the_command_line(novels_data, tmp_path):
     (["train", "tiny-cpu", "training.stepz=3"], "unknown key training.stepz"),
     (["train", "tiny-cpu", "--nproc", "3", "parallel.tensor=2"], "world size 3 does not factor"),
     (["train", "tiny-cpu", "--frobnicate"], "unrecognized arguments: --frobnicate"),
+    (["train", "tiny-cpu", "training.recompute=full"], "training.recompute needs CUDA"),
+    (["train", "tiny-cpu", "parallel.sequence_parallel=true"], "sequence_parallel needs Transformer Engine"),
 ])
 def test_bad_command_lines_fail_with_a_clear_message(args, message):
     result = tapa(*args)
