@@ -17,7 +17,8 @@ from tapa_megatron.ops import blockwise, reference
 PHASES = ("quadratic", "linear")
 BACKENDS = ("auto", "torch", "triton", "reference")
 
-__all__ = ["tapa_attention", "tapa_attention_varlen", "merge_partials", "amplitude_dim", "PHASES", "BACKENDS"]
+__all__ = ["tapa_attention", "tapa_attention_varlen", "tapa_attention_backward", "tapa_attention_varlen_backward",
+           "merge_partials", "amplitude_dim", "PHASES", "BACKENDS"]
 
 
 def amplitude_dim(head_dim: int, theta: float) -> int:
@@ -219,6 +220,60 @@ def tapa_attention_varlen(
         outs.append(out[0])
         lses.append(_lse_dtype(lse[0]))
     return (torch.cat(outs), torch.cat(lses, dim=1)) if return_lse else torch.cat(outs)
+
+
+def tapa_attention_backward(d_out, q, k, v, out, lse, *, d_lse=None, alpha=0.1, theta=0.5, phase="quadratic",
+                            causal=True, q_pos=None, k_pos=None, backend="auto"):
+    """dq, dk, dv of attention over these keys, given the final out and lse of a softmax that may span
+    more keys than k holds (merged from partials). This is the backward half of the (out, lse)
+    contract: context parallelism computes each key block's share of the gradients with it.
+
+    Layout as in `tapa_attention`; out (B, Sq, Hq, D), lse (B, Hq, Sq) from the merged result; d_lse,
+    optional, the gradient arriving at lse.
+    """
+    _check_options(alpha, phase, backend)
+    _check_qkv(q, k, v, seq_dims=4)
+    amp_dim = amplitude_dim(q.shape[-1], theta)
+    batch, seq_q, seq_k = q.shape[0], q.shape[1], k.shape[1]
+    q_pos = _positions(q_pos, batch, seq_q, q.device, "q_pos")
+    k_pos = _positions(k_pos, batch, seq_k, q.device, "k_pos")
+    options = dict(alpha=alpha, amp_dim=amp_dim, phase=phase, causal=causal)
+    backend = _resolve_backend(backend, q)
+    if backend == "triton":
+        from tapa_megatron.ops import triton as triton_path
+
+        return triton_path.tapa_attention_triton_backward(d_out, q, k, v, out, lse, d_lse=d_lse, q_pos=q_pos,
+                                                          k_pos=k_pos, **options)
+    return blockwise.tapa_attention_blockwise_backward(d_out, q, k, v, out, lse, d_lse=d_lse, q_pos=q_pos,
+                                                       k_pos=k_pos, **options)
+
+
+def tapa_attention_varlen_backward(d_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                   *, d_lse=None, alpha=0.1, theta=0.5, phase="quadratic", causal=True, q_pos=None,
+                                   k_pos=None, backend="auto"):
+    """`tapa_attention_backward` for the packed layout: out (total_q, Hq, D), lse (Hq, total_q)."""
+    _check_options(alpha, phase, backend)
+    _check_qkv(q, k, v, seq_dims=3)
+    amp_dim = amplitude_dim(q.shape[-1], theta)
+    cu_q = _check_cu_seqlens(cu_seqlens_q, q.shape[0], "cu_seqlens_q", q.device)
+    cu_k = _check_cu_seqlens(cu_seqlens_k, k.shape[0], "cu_seqlens_k", q.device)
+    q_pos = _varlen_positions(q_pos, cu_q, q.device, "q_pos")
+    k_pos = _varlen_positions(k_pos, cu_k, q.device, "k_pos")
+    options = dict(alpha=alpha, amp_dim=amp_dim, phase=phase, causal=causal)
+    if _resolve_backend(backend, q) == "triton":
+        from tapa_kernels import tapa_bwd
+
+        return tapa_bwd(d_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q_pos,
+                        k_pos, dlse=d_lse, **options)
+    grads = [torch.zeros_like(t) for t in (q, k, v)]
+    for (q0, q1), (k0, k1) in zip(zip(cu_q, cu_q[1:]), zip(cu_k, cu_k[1:])):
+        doc_grads = blockwise.tapa_attention_blockwise_backward(
+            d_out[None, q0:q1], q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], out[None, q0:q1], lse[None, :, q0:q1],
+            d_lse=None if d_lse is None else d_lse[None, :, q0:q1], q_pos=q_pos[None, q0:q1],
+            k_pos=k_pos[None, k0:k1], **options)
+        for grad, doc_grad, (start, end) in zip(grads, doc_grads, ((q0, q1), (k0, k1), (k0, k1))):
+            grad[start:end] = doc_grad[0]
+    return grads
 
 
 def merge_partials(out_a, lse_a, out_b, lse_b):

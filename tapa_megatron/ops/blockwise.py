@@ -149,16 +149,33 @@ class _BlockwiseTapa(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_out, d_lse):
         q, k, v, out, lse, q_pos, k_pos = ctx.saved_tensors
-        dtype = out.dtype
-        group = q.shape[2] // k.shape[2]
-        qh, kh, vh = _heads_first(q, dtype), _heads_first(k, dtype, group), _heads_first(v, dtype, group)
-        dq, dk, dv = _backward(_heads_first(d_out, dtype), d_lse, qh, kh, vh, out, lse, q_pos, k_pos, ctx.options, *ctx.blocks)
-        if group > 1:  # each key/value head served `group` query heads: sum their gradients
-            batch, heads, seq_k, dim = dk.shape
-            dk = dk.view(batch, heads // group, group, seq_k, dim).sum(2)
-            dv = dv.view(batch, heads // group, group, seq_k, dim).sum(2)
-        grads = [g.transpose(1, 2).to(x.dtype) for g, x in ((dq, q), (dk, k), (dv, v))]
+        grads = _gradients(d_out, d_lse, q, k, v, out, lse, q_pos, k_pos, ctx.options, *ctx.blocks)
         return (*grads, None, None, None, None, None)
+
+
+def _gradients(d_out, d_lse, q, k, v, out, lse, q_pos, k_pos, options, block_q, block_k):
+    """dq, dk, dv in the input layout (B, S, H, D) and dtypes; out, lse in (B, H, Sq[, D]) compute dtype."""
+    dtype = out.dtype
+    group = q.shape[2] // k.shape[2]
+    qh, kh, vh = _heads_first(q, dtype), _heads_first(k, dtype, group), _heads_first(v, dtype, group)
+    dq, dk, dv = _backward(_heads_first(d_out, dtype), d_lse, qh, kh, vh, out, lse, q_pos, k_pos, options,
+                           block_q, block_k)
+    if group > 1:  # each key/value head served `group` query heads: sum their gradients
+        batch, heads, seq_k, dim = dk.shape
+        dk = dk.view(batch, heads // group, group, seq_k, dim).sum(2)
+        dv = dv.view(batch, heads // group, group, seq_k, dim).sum(2)
+    return [g.transpose(1, 2).to(x.dtype) for g, x in ((dq, q), (dk, k), (dv, v))]
+
+
+def tapa_attention_blockwise_backward(d_out, q, k, v, out, lse, *, q_pos, k_pos, alpha, amp_dim, phase, causal,
+                                      d_lse=None, block_q=DEFAULT_BLOCK, block_k=DEFAULT_BLOCK):
+    """Gradients for these keys given a softmax's final out (B, Sq, Hq, D) and lse (B, Hq, Sq), which may span
+    more keys than k holds (context parallelism computes each key block's share this way)."""
+    options = dict(alpha=alpha, amp_dim=amp_dim, phase=phase, causal=causal)
+    dtype = _compute_dtype(q.dtype)
+    d_lse = None if d_lse is None else d_lse.to(dtype)
+    return _gradients(d_out, d_lse, q, k, v, _heads_first(out, dtype), lse.to(dtype), q_pos, k_pos, options,
+                      block_q, block_k)
 
 
 def tapa_attention_blockwise(
