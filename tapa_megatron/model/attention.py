@@ -12,12 +12,14 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from megatron.core import parallel_state
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from tapa_megatron.model.rope import apply_rope, rope_inverse_frequencies, yarn_attention_scale
 from tapa_megatron.ops import tapa_attention, tapa_attention_varlen
+from tapa_megatron.parallel import COMMS, context_parallel_attention
 
 
 @dataclass
@@ -35,14 +37,9 @@ class TapaTransformerConfig(TransformerConfig):
     rope_original_max_position: int = 8192
 
 
-def _check_supported(config, attn_mask_type, cp_comm_type):
+def _check_causal(attn_mask_type):
     if attn_mask_type != AttnMaskType.causal:
         raise ValueError(f"{attn_mask_type} is not supported: TAPA GPT layers use causal attention.")
-    if config.context_parallel_size > 1:
-        raise NotImplementedError(
-            "context_parallel_size > 1 needs TAPA's context-parallel attention, which is not built yet; "
-            "train with context_parallel_size = 1."
-        )
 
 
 def _refuse_mask(attention_mask):
@@ -63,28 +60,50 @@ def _packed_layout(packed_seq_params):
 
 
 class TapaCoreAttention(MegatronModule):
-    """TAPA attention as a Megatron core-attention module: no parameters, causal by positions."""
+    """TAPA attention as a Megatron core-attention module: no parameters, causal by positions.
+
+    With context parallelism the sequence arrives sharded in Megatron's load-balanced layout and
+    attention runs across the context-parallel group with the layer's cp_comm_type."""
 
     def __init__(self, config: TapaTransformerConfig, layer_number, attn_mask_type, attention_type,
                  attention_dropout=None, softmax_scale=None, cp_comm_type=None, pg_collection=None):
         super().__init__(config=config)
-        _check_supported(config, attn_mask_type, cp_comm_type)
+        _check_causal(attn_mask_type)
         if (attention_dropout if attention_dropout is not None else config.attention_dropout) > 0:
             raise ValueError("attention_dropout > 0 is not supported by TAPA core attention; set it to 0.")
         self.options = dict(alpha=config.tapa_alpha, theta=config.tapa_theta, phase=config.tapa_phase,
                             backend=config.tapa_backend)
+        self.cp_group = None
+        if config.context_parallel_size > 1:
+            self.cp_comm_type = cp_comm_type or "p2p"
+            if self.cp_comm_type not in COMMS:
+                raise ValueError(f"cp_comm_type={self.cp_comm_type!r} is not supported by TAPA; use one of {COMMS}.")
+            self.cp_group = pg_collection.cp if pg_collection is not None else parallel_state.get_context_parallel_group()
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
         _refuse_mask(attention_mask)
         if attention_bias is not None:
             raise ValueError("attention_bias is not supported by TAPA core attention.")
+        if self.cp_group is not None:
+            return self._context_parallel(query, key, value, packed_seq_params)
         if packed_seq_params is not None:
             cu_q, cu_k, max_q, max_k = _packed_layout(packed_seq_params)
             out = tapa_attention_varlen(query, key, value, cu_q, cu_k, max_q, max_k, causal=True, **self.options)
             return out.reshape(out.shape[0], -1)
         q, k, v = (t.transpose(0, 1) for t in (query, key, value))  # [s, b, h, D] -> [b, s, h, D]
         out = tapa_attention(q, k, v, causal=True, **self.options)
+        return out.transpose(0, 1).reshape(query.shape[0], query.shape[1], -1)
+
+    def _context_parallel(self, query, key, value, packed_seq_params):
+        options = dict(cp_group=self.cp_group, comm=self.cp_comm_type, **self.options)
+        if packed_seq_params is not None:  # global document boundaries, every document a multiple of 2*CP
+            cu = packed_seq_params.cu_seqlens_q_padded
+            cu = cu if cu is not None else packed_seq_params.cu_seqlens_q
+            out = context_parallel_attention(query, key, value, cu_seqlens=cu, **options)
+            return out.reshape(out.shape[0], -1)
+        q, k, v = (t.transpose(0, 1) for t in (query, key, value))
+        out = context_parallel_attention(q, k, v, **options)
         return out.transpose(0, 1).reshape(query.shape[0], query.shape[1], -1)
 
 
@@ -94,7 +113,10 @@ class RotaryCoreAttention(MegatronModule):
     def __init__(self, config: TapaTransformerConfig, layer_number, attn_mask_type, attention_type,
                  attention_dropout=None, softmax_scale=None, cp_comm_type=None, pg_collection=None):
         super().__init__(config=config)
-        _check_supported(config, attn_mask_type, cp_comm_type)
+        _check_causal(attn_mask_type)
+        if config.context_parallel_size > 1:
+            raise ValueError("context parallelism is built for TAPA; the RoPE baselines run with "
+                             "context_parallel_size = 1.")
         head_dim = config.kv_channels
         self.register_buffer(
             "inv_freq",

@@ -96,8 +96,8 @@ class ModelConfig:
 
 
 def transformer_config(model: ModelConfig, *, tensor_parallel=1, pipeline_parallel=1, context_parallel=1,
-                       sequence_parallel=False, params_dtype=torch.float32, bf16=False, recompute=None,
-                       use_cpu_initialization=True):
+                       cp_comm_type="p2p", sequence_parallel=False, params_dtype=torch.float32, bf16=False,
+                       recompute=None, use_cpu_initialization=True):
     """Megatron's TransformerConfig for this model and parallel layout.
 
     recompute: None, "full" (whole layers) or "selective" (core attention only).
@@ -127,6 +127,7 @@ def transformer_config(model: ModelConfig, *, tensor_parallel=1, pipeline_parall
         tensor_model_parallel_size=tensor_parallel,
         pipeline_model_parallel_size=pipeline_parallel,
         context_parallel_size=context_parallel,
+        cp_comm_type=cp_comm_type if context_parallel > 1 else None,
         sequence_parallel=sequence_parallel,
         params_dtype=params_dtype,
         bf16=bf16,

@@ -11,7 +11,7 @@ class _GatherSequence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dim, group):
         ctx.dim, ctx.group = dim, group
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        parts = [torch.empty_like(x, memory_format=torch.contiguous_format) for _ in range(dist.get_world_size(group))]
         dist.all_gather(parts, x.contiguous(), group=group)
         return torch.cat(parts, dim=dim)
 
@@ -28,7 +28,8 @@ def gather_sequence(x, group, dim=1):
 
 
 def gather_positions(positions, group, dim=-1):
-    parts = [torch.empty_like(positions) for _ in range(dist.get_world_size(group))]
+    parts = [torch.empty_like(positions, memory_format=torch.contiguous_format)
+             for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, positions.contiguous(), group=group)
     return torch.cat(parts, dim=dim)
 
@@ -72,7 +73,7 @@ def ring_exchange(tensors, group):
     size, rank = dist.get_world_size(group), dist.get_rank(group)
     next_rank = dist.get_global_rank(group, (rank + 1) % size)
     prev_rank = dist.get_global_rank(group, (rank - 1) % size)
-    buffers = [torch.empty_like(t) for t in tensors]
+    buffers = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in tensors]
     ops = [dist.P2POp(dist.isend, t.contiguous(), next_rank, group) for t in tensors]
     ops += [dist.P2POp(dist.irecv, b, prev_rank, group) for b in buffers]
     return buffers, dist.batch_isend_irecv(ops)

@@ -109,12 +109,12 @@ def _rng_state():
 
 
 def _rng_sharded_object(state):
-    """One RNG state per rank, addressed by its (pipeline, tensor, data) coordinates."""
+    """One RNG state per rank, addressed by its (pipeline, tensor, context, data) coordinates."""
     ps = parallel_state
     shape = (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size(),
-             ps.get_data_parallel_world_size())
+             ps.get_context_parallel_world_size(), ps.get_data_parallel_world_size())
     offset = (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
-              ps.get_data_parallel_rank())
+              ps.get_context_parallel_rank(), ps.get_data_parallel_rank())
     return ShardedObject("rng_state", state, shape, offset, replica_id=0)
 
 

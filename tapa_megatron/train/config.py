@@ -18,6 +18,7 @@ class ParallelConfig:
     tensor: int = 1
     pipeline: int = 1
     context: int = 1
+    context_comm: str = "p2p"  # TAPA context parallelism: p2p (ring), all_gather or a2a (Ulysses)
     sequence_parallel: bool = False  # needs Transformer Engine (GPU)
 
 

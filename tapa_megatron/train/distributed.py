@@ -1,10 +1,14 @@
-"""Process group and Megatron parallel state for a run: torchrun's environment, or one local process.
+"""Process group and Megatron parallel state for a run, however it was launched: torchrun, srun, an MPI
+launcher (mpirun/mpiexec, through mpi4py), or one local process (detect_launch).
 
 gloo on CPU, NCCL on GPU. The world is split into tensor x pipeline x context x data parallel groups
 by Megatron's parallel_state; a world size that does not factor is refused before anything starts.
 """
 
+import functools
+import ipaddress
 import os
+import re
 import socket
 from dataclasses import dataclass
 
@@ -33,17 +37,100 @@ def _free_port():
         return s.getsockname()[1]
 
 
+# What MPI launchers tell their ranks: MPICH, Intel MPI (PMI_SIZE), Open MPI, MVAPICH.
+MPI_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How this process was started: its place in the world and where rank 0 listens for the others."""
+    launcher: str  # torchrun (or anything that sets RANK/WORLD_SIZE), srun, mpi or single
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int  # 0: pick a free one (a single process)
+
+    def __str__(self):
+        return (f"{self.launcher}: rank {self.rank} of {self.world_size} (local rank {self.local_rank}) on "
+                f"{socket.gethostname()}, rendezvous {self.master_addr}:{self.master_port or 'any free port'}")
+
+
+def slurm_port(job_id):
+    """The rendezvous port of a Slurm job; slurm/train.sbatch derives MASTER_PORT the same way."""
+    return 10000 + int(job_id) % 50000
+
+
+def first_host(nodelist):
+    """The first host of a Slurm node list: 'gpu[007-009,012],cpu1' -> 'gpu007'."""
+    prefix, first_index = re.match(r"([^,\[]*)(?:\[([^\],-]+))?", nodelist).groups()
+    return prefix + (first_index or "")
+
+
+def detect_launch(env=os.environ):
+    """Recognise the launcher from the environment it gives each rank.
+
+    torchrun's RANK/WORLD_SIZE come first (torchrun started by srun is still torchrun). An srun step
+    (SLURM_STEP_NUM_TASKS) comes next, unless an MPI launcher inside the allocation started a world of
+    another size. MPI ranks learn their place from mpi4py, and rank 0's address from a broadcast.
+    MASTER_ADDR / MASTER_PORT, when set, override the address and port found here.
+    """
+    mpi_size = next((int(env[name]) for name in MPI_SIZE_VARIABLES if name in env), None)
+    if "RANK" in env and "WORLD_SIZE" in env:
+        rank, world_size = int(env["RANK"]), int(env["WORLD_SIZE"])
+        if world_size > 1 and not ("MASTER_ADDR" in env and "MASTER_PORT" in env):
+            raise ValueError("RANK and WORLD_SIZE are set but MASTER_ADDR / MASTER_PORT are not: launch with "
+                             "torchrun, or set both to rank 0's address and a free port.")
+        return Launch("torchrun", rank, world_size, int(env.get("LOCAL_RANK", 0)),
+                      env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 0)))
+    step_tasks = env.get("SLURM_STEP_NUM_TASKS")
+    if step_tasks is not None and mpi_size in (None, int(step_tasks)):
+        nodelist = env.get("SLURM_STEP_NODELIST") or env["SLURM_JOB_NODELIST"]
+        return Launch("srun", int(env["SLURM_PROCID"]), int(step_tasks), int(env["SLURM_LOCALID"]),
+                      env.get("MASTER_ADDR") or first_host(nodelist),
+                      int(env.get("MASTER_PORT") or slurm_port(env["SLURM_JOB_ID"])))
+    if mpi_size is not None:
+        return _mpi_launch(env.get("MASTER_ADDR"), int(env.get("MASTER_PORT", 0)))
+    return Launch("single", 0, 1, 0, "127.0.0.1", 0)
+
+
+@functools.cache  # MPI is initialised once; every later call returns the same answer
+def _mpi_launch(master_addr, master_port):
+    try:
+        from mpi4py import MPI
+    except ImportError as err:
+        raise RuntimeError(f"this process was started by an MPI launcher, but mpi4py cannot be imported ({err}): "
+                           "pip install mpi4py (built for this MPI), or launch with torchrun or srun.") from None
+    world = MPI.COMM_WORLD
+    local_rank = world.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
+    rendezvous = None
+    if world.rank == 0:
+        try:
+            rendezvous = (master_addr or socket.gethostbyname(socket.gethostname()), master_port or _free_port())
+        except OSError as err:
+            rendezvous = err
+    rendezvous = world.bcast(rendezvous, root=0)
+    if isinstance(rendezvous, OSError):
+        raise RuntimeError(f"rank 0 cannot resolve its own host name {socket.gethostname()!r} ({rendezvous}): "
+                           "set MASTER_ADDR to its address.")
+    nodes = world.allreduce(int(local_rank == 0))
+    if not master_addr and nodes > 1 and ipaddress.ip_address(rendezvous[0]).is_loopback:
+        raise RuntimeError(f"rank 0's host name resolves to {rendezvous[0]}, which the other {nodes - 1} node(s) "
+                           "cannot reach: set MASTER_ADDR to its address on the cluster network.")
+    return Launch("mpi", world.rank, world.size, local_rank, *rendezvous)
+
+
 def init_process_group():
-    """Join (or create) the default process group from torchrun-style variables; alone if none are set."""
+    """Join (or create) the default process group of however this process was launched (detect_launch)."""
     if dist.is_initialized():
         return
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if world_size == 1:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    launch = detect_launch()
     if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=rank, world_size=world_size)
+        torch.cuda.set_device(launch.local_rank)
+    host = f"[{launch.master_addr}]" if ":" in launch.master_addr else launch.master_addr  # IPv6
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
+                            init_method=f"tcp://{host}:{launch.master_port or _free_port()}",
+                            rank=launch.rank, world_size=launch.world_size)
 
 
 def check_layout(run_config, world_size):
@@ -58,7 +145,13 @@ def check_layout(run_config, world_size):
                          "CUDA RNG state. On CPU leave it null (TAPA's torch path already recomputes attention "
                          "blocks in its backward).")
     if p.context > 1:
-        raise NotImplementedError("parallel.context > 1: TAPA context parallelism is not built yet.")
+        if run_config.model.position != "tapa":
+            raise ValueError("parallel.context > 1 is built for TAPA; train the RoPE baselines with parallel.context=1.")
+        if run_config.data.seq_length % (2 * p.context):
+            raise ValueError(f"data.seq_length={run_config.data.seq_length} is not a multiple of 2 x parallel.context = "
+                             f"{2 * p.context} (the load-balanced layout cuts each sequence into {2 * p.context} chunks).")
+        if p.context_comm not in ("p2p", "all_gather", "a2a"):
+            raise ValueError(f"parallel.context_comm={p.context_comm!r} is unknown; use p2p, all_gather or a2a.")
     return data_parallel
 
 

@@ -62,8 +62,10 @@ class PortableEngine:
         self.scheduler.step(0)
 
     def _all_reduce_gradients(self):
-        group = parallel_state.get_data_parallel_group()
-        size = parallel_state.get_data_parallel_world_size()
+        """Average over data-parallel and context-parallel ranks: each computed the mean loss of its own
+        samples / sequence shard, all of equal token counts."""
+        group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+        size = parallel_state.get_data_parallel_world_size(with_context_parallel=True)
         if size == 1:
             return
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]

@@ -2,7 +2,7 @@
 resume or extension start, data, then steps with logging and checkpoints.
 
     from tapa_megatron.train import train
-    result = train(run_config)      # in every rank of a torchrun / spawn launch, or alone
+    result = train(run_config)      # in every rank of a torchrun / srun / MPI / spawn launch, or alone
 """
 
 from dataclasses import dataclass
@@ -30,6 +30,7 @@ class TrainResult:
     losses: list  # (step, loss, grad_norm) for every step this call ran
     final_checkpoint: Path | None
     start_step: int
+    preempted: bool = False  # stopped early on stop_requested, with a checkpoint: run again to continue
 
 
 def padded_vocab_size(vocab_size, tensor_parallel):
@@ -56,16 +57,25 @@ def _check_extension_source(source, cfg, say):
     say(f"[extend] starting from {source}")
 
 
-def train(cfg, report=print):
+def train(cfg, report=print, stop_requested=None):
+    """Train cfg. stop_requested: polled once per step (e.g. set by a preemption signal); when it is true
+    on any rank, every rank stops after the same step, checkpoints, and the result says preempted."""
     env = setup_parallel(cfg)
     say = report if env.is_logging_rank else (lambda *_: None)
     try:
-        return _train(cfg, env, say)
+        return _train(cfg, env, say, stop_requested)
     finally:
         teardown_parallel()
 
 
-def _train(cfg, env, say):
+def _on_any_rank(flag, device):
+    """flag OR-ed over all ranks (one all_reduce), so every rank takes the same branch."""
+    flags = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return bool(flags.item())
+
+
+def _train(cfg, env, say, stop_requested):
     run_dir = Path(cfg.run_dir)
     if env.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -78,6 +88,7 @@ def _train(cfg, env, say):
     dtype = _precision(cfg)
     config = transformer_config(cfg.model, tensor_parallel=cfg.parallel.tensor,
                                 pipeline_parallel=cfg.parallel.pipeline, context_parallel=cfg.parallel.context,
+                                cp_comm_type=cfg.parallel.context_comm,
                                 sequence_parallel=cfg.parallel.sequence_parallel, params_dtype=dtype,
                                 bf16=dtype == torch.bfloat16, recompute=cfg.training.recompute)
     torch.manual_seed(cfg.training.seed)
@@ -85,7 +96,8 @@ def _train(cfg, env, say):
                             pre_process=parallel_state.is_pipeline_first_stage(),
                             post_process=parallel_state.is_pipeline_last_stage()).to(env.device)
     seq, micro = cfg.data.seq_length, cfg.training.micro_batch_size
-    engine = build_engine(model, cfg, activation_shape=(seq, micro, cfg.model.hidden_size), dtype=dtype)
+    local_seq = seq // cfg.parallel.context  # each context-parallel rank holds 1/CP of every sequence
+    engine = build_engine(model, cfg, activation_shape=(local_seq, micro, cfg.model.hidden_size), dtype=dtype)
 
     # Where to start: the run's own newest checkpoint, else (extension) another run's weights, else step 0.
     start_step = 0
@@ -118,14 +130,17 @@ def _train(cfg, env, say):
                       env.world_size, enabled=env.is_logging_rank, tensorboard=t.tensorboard)
     say(f"[train] {cfg.name}: {num_params / 1e6:.2f}M parameters, {cfg.model.position}, seq {seq}, "
         f"global batch {t.global_batch_size}, world {env.world_size} (tp {cfg.parallel.tensor}, "
-        f"pp {cfg.parallel.pipeline}, dp {env.data_parallel_size}), steps {start_step}..{t.steps}")
+        f"pp {cfg.parallel.pipeline}, cp {cfg.parallel.context}, dp {env.data_parallel_size}), "
+        f"steps {start_step}..{t.steps}")
 
     last_step = t.steps if t.exit_after_steps is None else min(t.steps, start_step + t.exit_after_steps)
     losses = []
+    preempted = False
     metrics.start()
     since_log = 0
     for step in range(start_step, last_step):
-        batches = micro_batches(train_ds, step, t, env.data_parallel_size, env.data_parallel_rank, env.device)
+        batches = micro_batches(train_ds, step, t, env.data_parallel_size, env.data_parallel_rank, env.device,
+                                context_parallel=cfg.parallel.context)
         result = engine.train_step(batches)
         losses.append((step, result.loss, result.grad_norm))
         since_log += 1
@@ -133,13 +148,18 @@ def _train(cfg, env, say):
         if done % t.log_every == 0 or done == t.steps:
             metrics.log(done, result.loss, result.lr, result.grad_norm, since_log)
             since_log = 0
+        if stop_requested is not None and done < last_step and _on_any_rank(stop_requested(), env.device):
+            say(f"[preempt] stop requested: every rank stops after step {done} and checkpoints it")
+            last_step, preempted = done, True
+            break
         if cfg.checkpoint.save_every and done % cfg.checkpoint.save_every == 0 and done < last_step:
             checkpoint.save_checkpoint(run_dir, done, model, engine, done * t.global_batch_size, to_dict(cfg),
                                        keep=cfg.checkpoint.keep, report=say)
     final = checkpoint.save_checkpoint(run_dir, last_step, model, engine, last_step * t.global_batch_size,
                                        to_dict(cfg), keep=cfg.checkpoint.keep, report=say)
     if last_step < t.steps:
-        say(f"[train] stopped after step {last_step} of {t.steps} (training.exit_after_steps); "
+        reason = "preempted" if preempted else "training.exit_after_steps"
+        say(f"[train] stopped after step {last_step} of {t.steps} ({reason}); "
             "run again with checkpoint.resume=auto to continue")
     metrics.close()
-    return TrainResult(losses=losses, final_checkpoint=final, start_step=start_step)
+    return TrainResult(losses=losses, final_checkpoint=final, start_step=start_step, preempted=preempted)

@@ -70,19 +70,27 @@ def single_process(novels_data, initial_checkpoint, tmp_path_factory):
     return run_ranks(1, _train, cfg)[0]
 
 
-@pytest.mark.parametrize("layout", [("tensor", 2), ("pipeline", 2), ("data", 2)], ids=lambda x: f"{x[0]}{x[1]}")
+LAYOUTS = {  # name: (processes, overrides); data parallelism is whatever the processes leave over
+    "tp2": (2, ["parallel.tensor=2"]),
+    "pp2": (2, ["parallel.pipeline=2"]),
+    "dp2": (2, []),
+    "cp2-ring": (2, ["parallel.context=2"]),
+    "cp2-a2a": (2, ["parallel.context=2", "parallel.context_comm=a2a"]),
+    "cp2xtp2-allgather": (4, ["parallel.context=2", "parallel.tensor=2", "parallel.context_comm=all_gather"]),
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_parallel_layouts_match_single_process(layout, novels_data, initial_checkpoint, single_process, tmp_path):
-    kind, size = layout
-    overrides = [f"checkpoint.init_from={initial_checkpoint}"]
-    if kind != "data":
-        overrides.append(f"parallel.{kind}={size}")
-    ranks = run_ranks(size, _train, run_config(tmp_path, novels_data, *overrides))
+    processes, overrides = LAYOUTS[layout]
+    cfg = run_config(tmp_path, novels_data, f"checkpoint.init_from={initial_checkpoint}", *overrides)
+    ranks = run_ranks(processes, _train, cfg)
     expected = single_process[0]
     assert len(expected) == 4 and expected[-1][1] < expected[0][1]  # it learns
     for losses, _ in ranks:
         for (step, loss, grad_norm), (_, ref_loss, ref_norm) in zip(losses, expected, strict=True):
-            assert loss == pytest.approx(ref_loss, rel=1e-5), (kind, step)
-            assert grad_norm == pytest.approx(ref_norm, rel=1e-4), (kind, step)
+            assert loss == pytest.approx(ref_loss, rel=1e-5), (layout, step)
+            assert grad_norm == pytest.approx(ref_norm, rel=1e-4), (layout, step)
 
 
 def test_resume_is_exact(novels_data, initial_checkpoint, single_process, tmp_path):
