@@ -88,6 +88,22 @@ def cmd_data_prepare(args):
         raise SystemExit(f"tapa data prepare: {err}") from None
 
 
+def cmd_eval(args):
+    from tapa_megatron.eval import evaluate
+
+    names = args.names or [f"model{i}" for i in range(len(args.checkpoints))]
+    if len(names) != len(args.checkpoints):
+        raise SystemExit(f"tapa eval: {len(names)} --names for {len(args.checkpoints)} checkpoints.")
+    evaluate(dict(zip(names, args.checkpoints)), args.out, multiples=args.multiples, stride=args.stride,
+             max_tokens=args.max_tokens, passkey_trials=args.passkey_trials, bias_pairs=args.bias_pairs)
+
+
+def cmd_demo(args):
+    from tapa_megatron.demo import run_demo
+
+    run_demo(args.out, quick=args.quick)
+
+
 def cmd_bench_attention(args):
     from tapa_megatron.bench import attention
 
@@ -135,6 +151,33 @@ def build_parser():
                                        formatter_class=argparse.RawDescriptionHelpFormatter)
     data_prepare.add_arguments(prepare)
     prepare.set_defaults(handler=cmd_data_prepare)
+
+    evaluation = commands.add_parser(
+        "eval", help="long-context evaluation: perplexity at 1x..16x L, passkey, distance bias (JSON, CSV, PNG)",
+        description="Evaluate checkpoints side by side on the held-out books of their data directory: "
+                    "sliding-window perplexity at multiples of the training length L (window stride "
+                    "min(--stride, context/2)), passkey retrieval at those lengths and several depths, and the "
+                    "paper's distance-bias histogram (ranges scaled to the model's length). Writes "
+                    "OUT/results.json, perplexity.csv and PNG plots.")
+    evaluation.add_argument("checkpoints", nargs="+", help="checkpoint or run directories")
+    evaluation.add_argument("--names", nargs="+", help="a name per checkpoint (default model0, model1, ...)")
+    evaluation.add_argument("--out", required=True, help="output directory")
+    evaluation.add_argument("--multiples", type=int, nargs="+", default=[1, 2, 4, 8, 16],
+                            help="context lengths as multiples of L")
+    evaluation.add_argument("--stride", type=int, default=256, help="sliding-window stride (the paper's 256)")
+    evaluation.add_argument("--max-tokens", type=int, default=8192, help="tokens of each held-out book scored")
+    evaluation.add_argument("--passkey-trials", type=int, default=4, help="random keys per length and depth (0: skip)")
+    evaluation.add_argument("--bias-pairs", type=int, default=10000, help="score pairs for the histogram (0: skip)")
+    evaluation.set_defaults(handler=cmd_eval)
+
+    demo = commands.add_parser(
+        "demo", help="the paper's TAPA vs RoPE comparison in miniature on a CPU (the embedded default)",
+        description="Prepare the bundled Gutenberg novels, pretrain a tiny TAPA model and its RoPE twin at L "
+                    "tokens, fine-tune both at 4L, evaluate both at L..16L, and write OUT/results.json plus "
+                    "tables and plots (recipes/demo-cpu.yaml, demo-cpu-extend.yaml).")
+    demo.add_argument("--out", default="demo-out", help="output directory (reused: the corpus is prepared once)")
+    demo.add_argument("--quick", action="store_true", help="a few steps only: checks the pipeline end to end")
+    demo.set_defaults(handler=cmd_demo)
 
     bench = commands.add_parser("bench", help="benchmarks that print tables (and plots)")
     benchmarks = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")

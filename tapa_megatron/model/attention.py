@@ -18,7 +18,8 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from tapa_megatron.model.rope import apply_rope, rope_inverse_frequencies, yarn_attention_scale
-from tapa_megatron.ops import tapa_attention, tapa_attention_varlen
+from tapa_megatron.ops import amplitude_dim, tapa_attention, tapa_attention_varlen
+from tapa_megatron.ops.reference import tapa_scores
 from tapa_megatron.parallel import COMMS, context_parallel_attention
 
 
@@ -95,6 +96,13 @@ class TapaCoreAttention(MegatronModule):
         out = tapa_attention(q, k, v, causal=True, **self.options)
         return out.transpose(0, 1).reshape(query.shape[0], query.shape[1], -1)
 
+    def pair_scores(self, q, k, q_pos, k_pos):
+        """Pre-softmax TAPA scores of N (query, key) pairs: q, k (N, D) head vectors, positions (N,)."""
+        amp_dim = amplitude_dim(q.shape[-1], self.options["theta"])
+        scores = tapa_scores(q[:, None, None].double(), k[:, None, None].double(), q_pos[:, None], k_pos[:, None],
+                             alpha=self.options["alpha"], amp_dim=amp_dim, phase=self.options["phase"])
+        return scores.reshape(-1)
+
     def _context_parallel(self, query, key, value, packed_seq_params):
         options = dict(cp_group=self.cp_group, comm=self.cp_comm_type, **self.options)
         if packed_seq_params is not None:  # global document boundaries, every document a multiple of 2*CP
@@ -127,6 +135,13 @@ class RotaryCoreAttention(MegatronModule):
         self.qk_scale = yarn_attention_scale(config.rope_scaling, config.rope_scaling_factor)
         self.softmax_scale = softmax_scale
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+
+    def pair_scores(self, q, k, q_pos, k_pos):
+        """Pre-softmax scores q_rot . k_rot / sqrt(D) of N (query, key) pairs: q, k (N, D), positions (N,)."""
+        q_rot = apply_rope(q[:, None, None].double(), q_pos[:, None], self.inv_freq.double(), self.qk_scale)
+        k_rot = apply_rope(k[:, None, None].double(), k_pos[:, None], self.inv_freq.double(), self.qk_scale)
+        scale = self.softmax_scale or q.shape[-1] ** -0.5
+        return (q_rot * k_rot).sum(-1).reshape(-1) * scale
 
     def _attend(self, q, k, v):
         """q (b, s, h, D), k/v (b, s, g, D), positions arange: causal SDPA with GQA."""

@@ -50,9 +50,30 @@ def test_bad_command_lines_fail_with_a_clear_message(args, message):
     assert message in result.stderr
 
 
-def test_every_recipe_parses():
+def test_every_recipe_parses_and_fits_the_machines_it_names():
     paths = sorted(RECIPES_DIR.glob("*.yaml"))
-    assert paths
+    assert len(paths) >= 14
     for path in paths:
-        cfg = load_config(RunConfig, path)
+        cfg = load_config(RunConfig, path)  # validates every key and type, without building the model
         assert cfg.sized_for and cfg.description, path
+        if "H100" in cfg.sized_for:  # "512x H100 80GB ...": the layout must factor over that many GPUs
+            gpus = int(cfg.sized_for.split("x")[0])
+            assert cfg.data_parallel_size(gpus) >= 1, path
+            assert cfg.data.seq_length % (2 * cfg.parallel.context) == 0, path
+
+
+def test_paper_settings_in_the_8b_recipes():
+    pretrain = load_config(RunConfig, RECIPES_DIR / "llama3-8b-8k-pretrain.yaml")
+    assert (pretrain.optimizer.lr, pretrain.optimizer.betas, pretrain.optimizer.eps) == (2e-5, [0.9, 0.95], 1e-8)
+    assert (pretrain.optimizer.weight_decay, pretrain.optimizer.min_lr_ratio, pretrain.optimizer.warmup_steps) == \
+        (0.0, 0.1, 5000)
+    assert (pretrain.model.tapa.alpha, pretrain.model.tapa.theta, pretrain.training.global_batch_size) == (0.1, 0.5, 256)
+    extend = load_config(RunConfig, RECIPES_DIR / "llama3-8b-32k-extend.yaml")
+    assert (extend.training.steps, extend.optimizer.warmup_steps, extend.data.seq_length) == (500, 50, 32768)
+    assert extend.model.tapa == pretrain.model.tapa  # TAPA changes nothing when extending
+    assert load_config(RunConfig, RECIPES_DIR / "llama3-8b-8k-pretrain-rope.yaml").optimizer.lr == 1e-4
+    pi = load_config(RunConfig, RECIPES_DIR / "llama3-8b-32k-extend-pi.yaml").model.rope
+    yarn = load_config(RunConfig, RECIPES_DIR / "llama3-8b-32k-extend-yarn.yaml").model.rope
+    assert (pi.scaling, pi.factor * pi.original_max_position) == ("pi", 65536)  # PI to 64K
+    assert (yarn.scaling, yarn.factor, yarn.base) == ("yarn", 8.0, 500000.0)
+    assert load_config(RunConfig, RECIPES_DIR / "llama3-8b-128k-extend.yaml").parallel.context > 1
