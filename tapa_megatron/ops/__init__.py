@@ -101,6 +101,18 @@ def _resolve_backend(backend, q):
     return "triton" if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16, torch.float32) else "torch"
 
 
+def _prepare_batched(q, k, v, q_pos, k_pos, alpha, theta, phase, causal, backend):
+    """Validate a batched call; returns positions (B, S), the kernels' options and the backend to run."""
+    _check_options(alpha, phase, backend)
+    _check_qkv(q, k, v, seq_dims=4)
+    amp_dim = amplitude_dim(q.shape[-1], theta)
+    batch, seq_q, seq_k = q.shape[0], q.shape[1], k.shape[1]
+    q_pos = _positions(q_pos, batch, seq_q, q.device, "q_pos")
+    k_pos = _positions(k_pos, batch, seq_k, q.device, "k_pos")
+    options = dict(alpha=alpha, amp_dim=amp_dim, phase=phase, causal=causal)
+    return q_pos, k_pos, options, _resolve_backend(backend, q)
+
+
 def tapa_attention(
     q,
     k,
@@ -123,14 +135,7 @@ def tapa_attention(
     Returns out (batch, seq_q, heads_q, D), and with return_lse also lse (batch, heads_q, seq_q) in fp32;
     a query with no visible key gets out = 0 and lse = -inf.
     """
-    _check_options(alpha, phase, backend)
-    _check_qkv(q, k, v, seq_dims=4)
-    amp_dim = amplitude_dim(q.shape[-1], theta)
-    batch, seq_q, seq_k = q.shape[0], q.shape[1], k.shape[1]
-    q_pos = _positions(q_pos, batch, seq_q, q.device, "q_pos")
-    k_pos = _positions(k_pos, batch, seq_k, q.device, "k_pos")
-    options = dict(alpha=alpha, amp_dim=amp_dim, phase=phase, causal=causal)
-    backend = _resolve_backend(backend, q)
+    q_pos, k_pos, options, backend = _prepare_batched(q, k, v, q_pos, k_pos, alpha, theta, phase, causal, backend)
     if backend == "reference":
         out, lse = reference.tapa_attention_reference(q, k, v, q_pos=q_pos, k_pos=k_pos, **options)
         lse = _lse_dtype(lse)
@@ -164,6 +169,26 @@ def _varlen_positions(pos, cu_list, device, name):
     return pos.long()
 
 
+def _prepare_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q_pos, k_pos, alpha, theta,
+                    phase, causal, backend):
+    """Validate a packed call; returns the document bounds as lists, positions, options and backend."""
+    _check_options(alpha, phase, backend)
+    _check_qkv(q, k, v, seq_dims=3)
+    amp_dim = amplitude_dim(q.shape[-1], theta)
+    cu_q = _check_cu_seqlens(cu_seqlens_q, q.shape[0], "cu_seqlens_q", q.device)
+    cu_k = _check_cu_seqlens(cu_seqlens_k, k.shape[0], "cu_seqlens_k", q.device)
+    if len(cu_q) != len(cu_k):
+        raise ValueError(f"cu_seqlens_q has {len(cu_q) - 1} documents but cu_seqlens_k has {len(cu_k) - 1}.")
+    for name, cu, bound in (("max_seqlen_q", cu_q, max_seqlen_q), ("max_seqlen_k", cu_k, max_seqlen_k)):
+        longest = max(b - a for a, b in zip(cu, cu[1:]))
+        if longest > bound:
+            raise ValueError(f"{name}={bound} is smaller than the longest document ({longest} tokens).")
+    q_pos = _varlen_positions(q_pos, cu_q, q.device, "q_pos")
+    k_pos = _varlen_positions(k_pos, cu_k, q.device, "k_pos")
+    options = dict(alpha=alpha, amp_dim=amp_dim, phase=phase, causal=causal)
+    return cu_q, cu_k, q_pos, k_pos, options, _resolve_backend(backend, q)
+
+
 def tapa_attention_varlen(
     q,
     k,
@@ -188,21 +213,9 @@ def tapa_attention_varlen(
     cu_seqlens[i]:cu_seqlens[i+1]; documents never attend to each other. Positions restart at 0 in
     each document unless q_pos / k_pos (shape (total,)) are given. lse has shape (heads_q, total_q).
     """
-    _check_options(alpha, phase, backend)
-    _check_qkv(q, k, v, seq_dims=3)
-    amp_dim = amplitude_dim(q.shape[-1], theta)
-    cu_q = _check_cu_seqlens(cu_seqlens_q, q.shape[0], "cu_seqlens_q", q.device)
-    cu_k = _check_cu_seqlens(cu_seqlens_k, k.shape[0], "cu_seqlens_k", q.device)
-    if len(cu_q) != len(cu_k):
-        raise ValueError(f"cu_seqlens_q has {len(cu_q) - 1} documents but cu_seqlens_k has {len(cu_k) - 1}.")
-    for name, cu, bound in (("max_seqlen_q", cu_q, max_seqlen_q), ("max_seqlen_k", cu_k, max_seqlen_k)):
-        longest = max(b - a for a, b in zip(cu, cu[1:]))
-        if longest > bound:
-            raise ValueError(f"{name}={bound} is smaller than the longest document ({longest} tokens).")
-    q_pos = _varlen_positions(q_pos, cu_q, q.device, "q_pos")
-    k_pos = _varlen_positions(k_pos, cu_k, q.device, "k_pos")
-    options = dict(alpha=alpha, amp_dim=amp_dim, phase=phase, causal=causal)
-    backend = _resolve_backend(backend, q)
+    cu_q, cu_k, q_pos, k_pos, options, backend = _prepare_varlen(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q_pos, k_pos, alpha, theta, phase, causal,
+        backend)
     if backend == "triton":
         from tapa_megatron.ops import triton as triton_path
 
@@ -231,14 +244,7 @@ def tapa_attention_backward(d_out, q, k, v, out, lse, *, d_lse=None, alpha=0.1, 
     Layout as in `tapa_attention`; out (B, Sq, Hq, D), lse (B, Hq, Sq) from the merged result; d_lse,
     optional, the gradient arriving at lse.
     """
-    _check_options(alpha, phase, backend)
-    _check_qkv(q, k, v, seq_dims=4)
-    amp_dim = amplitude_dim(q.shape[-1], theta)
-    batch, seq_q, seq_k = q.shape[0], q.shape[1], k.shape[1]
-    q_pos = _positions(q_pos, batch, seq_q, q.device, "q_pos")
-    k_pos = _positions(k_pos, batch, seq_k, q.device, "k_pos")
-    options = dict(alpha=alpha, amp_dim=amp_dim, phase=phase, causal=causal)
-    backend = _resolve_backend(backend, q)
+    q_pos, k_pos, options, backend = _prepare_batched(q, k, v, q_pos, k_pos, alpha, theta, phase, causal, backend)
     if backend == "triton":
         from tapa_megatron.ops import triton as triton_path
 
@@ -252,15 +258,10 @@ def tapa_attention_varlen_backward(d_out, q, k, v, out, lse, cu_seqlens_q, cu_se
                                    *, d_lse=None, alpha=0.1, theta=0.5, phase="quadratic", causal=True, q_pos=None,
                                    k_pos=None, backend="auto"):
     """`tapa_attention_backward` for the packed layout: out (total_q, Hq, D), lse (Hq, total_q)."""
-    _check_options(alpha, phase, backend)
-    _check_qkv(q, k, v, seq_dims=3)
-    amp_dim = amplitude_dim(q.shape[-1], theta)
-    cu_q = _check_cu_seqlens(cu_seqlens_q, q.shape[0], "cu_seqlens_q", q.device)
-    cu_k = _check_cu_seqlens(cu_seqlens_k, k.shape[0], "cu_seqlens_k", q.device)
-    q_pos = _varlen_positions(q_pos, cu_q, q.device, "q_pos")
-    k_pos = _varlen_positions(k_pos, cu_k, q.device, "k_pos")
-    options = dict(alpha=alpha, amp_dim=amp_dim, phase=phase, causal=causal)
-    if _resolve_backend(backend, q) == "triton":
+    cu_q, cu_k, q_pos, k_pos, options, backend = _prepare_varlen(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q_pos, k_pos, alpha, theta, phase, causal,
+        backend)
+    if backend == "triton":
         from tapa_kernels import tapa_bwd
 
         return tapa_bwd(d_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q_pos,
