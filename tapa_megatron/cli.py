@@ -186,6 +186,13 @@ def build_parser():
         description=bench_attention.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     bench_attention.add_arguments(attention)
     attention.set_defaults(handler=cmd_bench_attention)
+
+    from tapa_megatron.convert import commands as convert_commands  # argparse only; handlers import lazily
+
+    convert = commands.add_parser("convert", help="checkpoints: Hugging Face Llama <-> TAPA Megatron, inspect",
+                                  description=convert_commands.__doc__,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    convert_commands.add_arguments(convert)
     return parser
 
 
