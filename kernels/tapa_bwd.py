@@ -1,0 +1,280 @@
+"""TAPA attention backward: three kernels over packed (varlen) documents.
+
+1. delta:  delta_i = sum(dO_i * O_i) - dlse_i, the softmax correction of each query row.
+2. dK/dV:  one program per key tile of one (document, kv head); loops over the query heads of its
+   group and over query tiles, accumulating dK and dV in registers (no atomics).
+3. dQ:     one program per query tile of one (document, query head); loops over key tiles.
+
+Both gradient kernels recompute the scores from q, k, the positions and lse. With
+P = softmax probabilities and dS = P * (dO.V^T - delta), the score s = amp * cos(angle) gives
+
+    d_amp = dS * cos(angle)        d_phi = -dS * amp * sin(angle) * 2 pi |m - n|^alpha
+
+and the amplitude / phase parts of dQ, dK are products of these with the other side's parts.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from tapa_kernels.tapa_fwd import LOG2E, interpreting, kernel_options, kernel_scalars
+from tapa_kernels.tapa_score import (
+    TWO_PI,
+    cos_radians,
+    is_visible,
+    load_positions,
+    load_rows,
+    load_split_rows,
+    score_parts,
+    sin_radians,
+    store_rows,
+    store_split_rows,
+    visible_tile_range,
+)
+
+DELTA_BLOCK = 64  # query rows per program of the delta kernel
+
+
+@triton.jit
+def recompute_probs(amp, angle, visible, lse, FAST_COS: tl.constexpr):
+    """Softmax probabilities of a tile from the saved lse (pre-broadcast); also returns cos(angle)."""
+    cos = cos_radians(angle, FAST_COS)
+    probs = tl.where(visible, tl.exp2((amp * cos - lse) * LOG2E), 0.0)
+    return probs, cos
+
+
+@triton.jit
+def score_grads(probs, dprobs, delta, amp, dist, angle, cos, FAST_COS: tl.constexpr):
+    """Gradients wrt the amplitude and the phase phi of a tile, from dP = dO.V^T (delta pre-broadcast)."""
+    dscores = probs * (dprobs - delta)
+    d_amp = dscores * cos
+    d_phi = dscores * amp * dist * sin_radians(angle, FAST_COS) * -TWO_PI
+    return d_amp, d_phi
+
+
+@triton.jit
+def accumulate_phase_grad(acc, d_phi, other_phase, PHASE_QUADRATIC: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc += the tile's gradient wrt the rows' phase part (without the 1/sqrt(P) scale)."""
+    if PHASE_QUADRATIC:  # phi = own . other
+        acc = tl.dot(d_phi.to(other_phase.dtype), other_phase, acc, input_precision=DOT_PRECISION)
+    else:  # phi = sum(own) + sum(other): a (rows, 1) column, stored into every phase dim
+        acc += tl.sum(d_phi, 1)[:, None]
+    return acc
+
+
+@triton.jit
+def _tapa_bwd_delta_kernel(
+    out_ptr, do_ptr, dlse_ptr, delta_ptr, total_q,
+    stride_ot, stride_oh, stride_od,
+    stride_dot, stride_doh, stride_dod,
+    stride_dlse_h, stride_dlse_t,
+    HEAD_DIM: tl.constexpr, HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    head = tl.program_id(1)
+    dims = tl.arange(0, HEAD_DIM)
+    out = load_rows(out_ptr + head * stride_oh, 0, rows, total_q, stride_ot, stride_od, dims, HEAD_DIM)
+    do = load_rows(do_ptr + head * stride_doh, 0, rows, total_q, stride_dot, stride_dod, dims, HEAD_DIM)
+    delta = tl.sum(out.to(tl.float32) * do.to(tl.float32), 1)
+    if HAS_DLSE:  # d lse_i / d s_ij = P_ij: it enters dS exactly like -delta_i
+        delta -= tl.load(dlse_ptr + head * stride_dlse_h + rows.to(tl.int64) * stride_dlse_t, mask=rows < total_q)
+    tl.store(delta_ptr + head * total_q + rows, delta, mask=rows < total_q)
+
+
+@triton.jit
+def _tapa_bwd_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+    cu_seqlens_q, cu_seqlens_k, q_pos_ptr, k_pos_ptr,
+    stride_qt, stride_qh, stride_qd,
+    stride_kt, stride_kh, stride_kd,
+    stride_vt, stride_vh, stride_vd,
+    stride_dot, stride_doh, stride_dod,
+    stride_dkt, stride_dkh, stride_dkd,
+    stride_dvt, stride_dvh, stride_dvd,
+    total_q, alpha, amp_scale, phase_scale, group,
+    AMP: tl.constexpr, PHASE: tl.constexpr, AMP_PAD: tl.constexpr, PHASE_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, PHASE_QUADRATIC: tl.constexpr, CAUSAL: tl.constexpr,
+    FAST_COS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SCAN_TILES: tl.constexpr,
+):
+    block_n = tl.program_id(0)
+    doc = tl.program_id(1)
+    kv_head = tl.program_id(2)
+    k_start = tl.load(cu_seqlens_k + doc)
+    k_len = tl.load(cu_seqlens_k + doc + 1) - k_start
+    if block_n * BLOCK_N >= k_len:
+        return
+    q_start = tl.load(cu_seqlens_q + doc)
+    q_len = tl.load(cu_seqlens_q + doc + 1) - q_start
+
+    offs_n = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, HEAD_DIM)
+    k_amp, k_phase = load_split_rows(
+        k_ptr + kv_head * stride_kh, k_start, offs_n, k_len, stride_kt, stride_kd,
+        AMP, PHASE, AMP_PAD, PHASE_PAD, PHASE_QUADRATIC,
+    )
+    v = load_rows(v_ptr + kv_head * stride_vh, k_start, offs_n, k_len, stride_vt, stride_vd, dims, HEAD_DIM)
+    k_pos = load_positions(k_pos_ptr, k_start, offs_n, k_len)
+
+    # Tiles are keys x queries here: rows are keys, so the grads come out without transposes.
+    dk_amp = tl.zeros((BLOCK_N, AMP_PAD), tl.float32)
+    dk_phase = tl.zeros(k_phase.shape, tl.float32)
+    dv = tl.zeros((BLOCK_N, HEAD_DIM), tl.float32)
+    # Query tiles that can see this key tile: the same for every query head of the group.
+    lo, hi = visible_tile_range(q_pos_ptr, q_start, q_len, tl.min(k_pos, 0), BLOCK_M, SCAN_TILES, False, CAUSAL)
+    for head in range(kv_head * group, (kv_head + 1) * group):
+        q_head_ptr = q_ptr + head * stride_qh
+        do_head_ptr = do_ptr + head * stride_doh
+        lse_head_ptr = lse_ptr + head * total_q + q_start
+        delta_head_ptr = delta_ptr + head * total_q + q_start
+        for start_m in range(lo, hi, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            q_valid = offs_m < q_len
+            q_pos = load_positions(q_pos_ptr, q_start, offs_m, q_len)
+            q_amp, q_phase = load_split_rows(
+                q_head_ptr, q_start, offs_m, q_len, stride_qt, stride_qd,
+                AMP, PHASE, AMP_PAD, PHASE_PAD, PHASE_QUADRATIC,
+            )
+            do = load_rows(do_head_ptr, q_start, offs_m, q_len, stride_dot, stride_dod, dims, HEAD_DIM)
+            lse = tl.load(lse_head_ptr + offs_m, mask=q_valid, other=0.0)
+            delta = tl.load(delta_head_ptr + offs_m, mask=q_valid, other=0.0)
+            amp, dist, angle = score_parts(
+                k_amp, k_phase, q_amp, q_phase, k_pos, q_pos, alpha, amp_scale, phase_scale,
+                PHASE_QUADRATIC, DOT_PRECISION,
+            )
+            visible = is_visible(q_pos[None, :], k_pos[:, None], q_valid[None, :], (offs_n < k_len)[:, None], CAUSAL)
+            probs, cos = recompute_probs(amp, angle, visible, lse[None, :], FAST_COS)
+            dv = tl.dot(probs.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+            dprobs = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+            d_amp, d_phi = score_grads(probs, dprobs, delta[None, :], amp, dist, angle, cos, FAST_COS)
+            dk_amp = tl.dot(d_amp.to(q_amp.dtype), q_amp, dk_amp, input_precision=DOT_PRECISION)
+            dk_phase = accumulate_phase_grad(dk_phase, d_phi, q_phase, PHASE_QUADRATIC, DOT_PRECISION)
+
+    store_split_rows(
+        dk_ptr + kv_head * stride_dkh, dk_amp * amp_scale, dk_phase * phase_scale,
+        k_start, offs_n, k_len, stride_dkt, stride_dkd, AMP, PHASE, AMP_PAD, PHASE_PAD,
+    )
+    store_rows(dv_ptr + kv_head * stride_dvh, dv, k_start, offs_n, k_len, stride_dvt, stride_dvd, dims, HEAD_DIM)
+
+
+@triton.jit
+def _tapa_bwd_dq_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+    cu_seqlens_q, cu_seqlens_k, q_pos_ptr, k_pos_ptr,
+    stride_qt, stride_qh, stride_qd,
+    stride_kt, stride_kh, stride_kd,
+    stride_vt, stride_vh, stride_vd,
+    stride_dot, stride_doh, stride_dod,
+    stride_dqt, stride_dqh, stride_dqd,
+    total_q, alpha, amp_scale, phase_scale, group,
+    AMP: tl.constexpr, PHASE: tl.constexpr, AMP_PAD: tl.constexpr, PHASE_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, PHASE_QUADRATIC: tl.constexpr, CAUSAL: tl.constexpr,
+    FAST_COS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SCAN_TILES: tl.constexpr,
+):
+    block_m = tl.program_id(0)
+    doc = tl.program_id(1)
+    head = tl.program_id(2)
+    q_start = tl.load(cu_seqlens_q + doc)
+    q_len = tl.load(cu_seqlens_q + doc + 1) - q_start
+    if block_m * BLOCK_M >= q_len:
+        return
+    k_start = tl.load(cu_seqlens_k + doc)
+    k_len = tl.load(cu_seqlens_k + doc + 1) - k_start
+    k_ptr += (head // group) * stride_kh
+    v_ptr += (head // group) * stride_vh
+
+    offs_m = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    q_valid = offs_m < q_len
+    dims = tl.arange(0, HEAD_DIM)
+    q_amp, q_phase = load_split_rows(
+        q_ptr + head * stride_qh, q_start, offs_m, q_len, stride_qt, stride_qd,
+        AMP, PHASE, AMP_PAD, PHASE_PAD, PHASE_QUADRATIC,
+    )
+    do = load_rows(do_ptr + head * stride_doh, q_start, offs_m, q_len, stride_dot, stride_dod, dims, HEAD_DIM)
+    lse = tl.load(lse_ptr + head * total_q + q_start + offs_m, mask=q_valid, other=0.0)
+    delta = tl.load(delta_ptr + head * total_q + q_start + offs_m, mask=q_valid, other=0.0)
+    q_pos = load_positions(q_pos_ptr, q_start, offs_m, q_len)
+
+    dq_amp = tl.zeros((BLOCK_M, AMP_PAD), tl.float32)
+    dq_phase = tl.zeros(q_phase.shape, tl.float32)
+    lo, hi = visible_tile_range(k_pos_ptr, k_start, k_len, tl.max(q_pos, 0), BLOCK_N, SCAN_TILES, True, CAUSAL)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k_pos = load_positions(k_pos_ptr, k_start, offs_n, k_len)
+        k_amp, k_phase = load_split_rows(
+            k_ptr, k_start, offs_n, k_len, stride_kt, stride_kd, AMP, PHASE, AMP_PAD, PHASE_PAD, PHASE_QUADRATIC
+        )
+        v = load_rows(v_ptr, k_start, offs_n, k_len, stride_vt, stride_vd, dims, HEAD_DIM)
+        amp, dist, angle = score_parts(
+            q_amp, q_phase, k_amp, k_phase, q_pos, k_pos, alpha, amp_scale, phase_scale, PHASE_QUADRATIC, DOT_PRECISION
+        )
+        visible = is_visible(q_pos[:, None], k_pos[None, :], q_valid[:, None], (offs_n < k_len)[None, :], CAUSAL)
+        probs, cos = recompute_probs(amp, angle, visible, lse[:, None], FAST_COS)
+        dprobs = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        d_amp, d_phi = score_grads(probs, dprobs, delta[:, None], amp, dist, angle, cos, FAST_COS)
+        dq_amp = tl.dot(d_amp.to(k_amp.dtype), k_amp, dq_amp, input_precision=DOT_PRECISION)
+        dq_phase = accumulate_phase_grad(dq_phase, d_phi, k_phase, PHASE_QUADRATIC, DOT_PRECISION)
+
+    store_split_rows(
+        dq_ptr + head * stride_dqh, dq_amp * amp_scale, dq_phase * phase_scale,
+        q_start, offs_m, q_len, stride_dqt, stride_dqd, AMP, PHASE, AMP_PAD, PHASE_PAD,
+    )
+
+
+def dkdv_config(dtype, interpreted):
+    """Launch options of the dK/dV kernel (BLOCK_M: queries per step, BLOCK_N: keys per program).
+    Chosen like the forward's: not autotuned, the tiles that fit sm_90's registers (ahead-of-time
+    compile). fp32 products run exactly on CUDA cores and hold more registers: smaller tiles."""
+    if interpreted:
+        return dict(BLOCK_M=32, BLOCK_N=32, SCAN_TILES=4)
+    if dtype == torch.float32:
+        return dict(BLOCK_M=16, BLOCK_N=32, SCAN_TILES=64, num_warps=8, num_stages=2)
+    return dict(BLOCK_M=32, BLOCK_N=64, SCAN_TILES=64, num_warps=8, num_stages=2)
+
+
+def dq_config(dtype, interpreted):
+    """Launch options of the dQ kernel (BLOCK_M: queries per program, BLOCK_N: keys per step)."""
+    if interpreted:
+        return dict(BLOCK_M=32, BLOCK_N=32, SCAN_TILES=4)
+    block_m = 32 if dtype == torch.float32 else 64
+    return dict(BLOCK_M=block_m, BLOCK_N=32, SCAN_TILES=64, num_warps=8, num_stages=2)
+
+
+def tapa_bwd(
+    do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q_pos, k_pos,
+    *, alpha, amp_dim, phase, causal, dlse=None,
+):
+    """Gradients of TAPA attention (layout as in `tapa_fwd`). Returns dq, dk, dv in the input dtypes.
+
+    dlse (Hq, total_q), optional: the gradient wrt lse when lse feeds later computations (merging
+    partial attentions); rows with lse -inf get zero gradients.
+    """
+    options = kernel_options(q, k, amp_dim, phase, causal)
+    total_q, heads_q, head_dim = q.shape
+    heads_kv = k.shape[1]
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    n_docs = cu_seqlens_q.numel() - 1
+    if total_q == 0 or k.shape[0] == 0 or n_docs == 0:
+        return dq, dk, dv
+    cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.int(), cu_seqlens_k.int()
+    q_pos, k_pos = q_pos.long().contiguous(), k_pos.long().contiguous()
+    lse = lse.float().contiguous()  # the kernels index it as (Hq, total_q)
+    scalars = dict(**kernel_scalars(alpha, amp_dim, head_dim), group=heads_q // heads_kv, total_q=total_q)
+
+    delta = torch.empty((heads_q, total_q), dtype=torch.float32, device=q.device)
+    dlse_arg = dlse if dlse is not None else delta  # an unused pointer when there is no dlse
+    _tapa_bwd_delta_kernel[(triton.cdiv(total_q, DELTA_BLOCK), heads_q)](
+        out, do, dlse_arg, delta, total_q, *out.stride(), *do.stride(), *dlse_arg.stride(),
+        HEAD_DIM=head_dim, HAS_DLSE=dlse is not None, BLOCK_M=DELTA_BLOCK,
+    )
+    common = (cu_seqlens_q, cu_seqlens_k, q_pos, k_pos, *q.stride(), *k.stride(), *v.stride(), *do.stride())
+    config = dkdv_config(q.dtype, interpreting(q))
+    _tapa_bwd_dkdv_kernel[(triton.cdiv(max_seqlen_k, config["BLOCK_N"]), n_docs, heads_kv)](
+        q, k, v, do, lse, delta, dk, dv, *common, *dk.stride(), *dv.stride(), **scalars, **options, **config
+    )
+    config = dq_config(q.dtype, interpreting(q))
+    _tapa_bwd_dq_kernel[(triton.cdiv(max_seqlen_q, config["BLOCK_M"]), n_docs, heads_q)](
+        q, k, v, do, lse, delta, dq, *common, *dq.stride(), **scalars, **options, **config
+    )
+    return dq, dk, dv

@@ -1,0 +1,199 @@
+"""Jitted pieces of the TAPA score, shared by the forward and the backward kernels.
+
+For a tile of `rows` x `cols` (queries x keys in the forward and dQ kernels, keys x queries in the
+dK/dV kernel) with positions m (rows) and n (cols):
+
+    s = amp * cos(2 pi turns),   amp = (row_A . col_A) / sqrt(A),   turns = |m - n|^alpha * phi
+    phi = (row_P . col_P) / sqrt(P)                  (quadratic phase)
+    phi = (sum(row_P) + sum(col_P)) / sqrt(P)        (linear phase)
+
+Every piece is symmetric in rows and cols; only the causal mask is not, so it takes explicit
+query / key arguments.
+"""
+
+import triton
+import triton.language as tl
+
+TWO_PI = tl.constexpr(6.283185307179586)
+
+
+@triton.jit
+def load_positions(pos_ptr, start, offs, length):
+    """Positions of a tile. Rows past the document repeat its last position, so min / max over the
+    tile see only real tokens (the loop bounds guarantee the tile holds at least one)."""
+    return tl.load(pos_ptr + start + tl.minimum(offs, length - 1))
+
+
+@triton.jit
+def load_rows(ptr, start, offs, length, stride_t, stride_d, dims, NUM_DIMS: tl.constexpr):
+    """A (rows, len(dims)) tile of token rows; rows past the document and dims >= NUM_DIMS read 0."""
+    tokens = (start + offs).to(tl.int64)
+    mask = (offs < length)[:, None] & (dims < NUM_DIMS)[None, :]
+    return tl.load(ptr + tokens[:, None] * stride_t + dims[None, :] * stride_d, mask=mask, other=0.0)
+
+
+@triton.jit
+def load_split_rows(
+    ptr, start, offs, length, stride_t, stride_d,
+    AMP: tl.constexpr, PHASE: tl.constexpr, AMP_PAD: tl.constexpr, PHASE_PAD: tl.constexpr,
+    PHASE_QUADRATIC: tl.constexpr,
+):
+    """Amplitude (first AMP dims) and phase (last PHASE dims) parts of a tile, each padded to a
+    power of two. The linear phase only needs sum(x_P): its phase part is that (rows, 1) column."""
+    amp = load_rows(ptr, start, offs, length, stride_t, stride_d, tl.arange(0, AMP_PAD), AMP)
+    phase = load_rows(ptr + AMP * stride_d, start, offs, length, stride_t, stride_d, tl.arange(0, PHASE_PAD), PHASE)
+    if not PHASE_QUADRATIC:
+        phase = tl.sum(phase.to(tl.float32), 1)[:, None]
+    return amp, phase
+
+
+@triton.jit
+def store_rows(ptr, value, start, offs, length, stride_t, stride_d, dims, NUM_DIMS: tl.constexpr):
+    tokens = (start + offs).to(tl.int64)
+    mask = (offs < length)[:, None] & (dims < NUM_DIMS)[None, :]
+    tl.store(ptr + tokens[:, None] * stride_t + dims[None, :] * stride_d, value.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def store_split_rows(
+    ptr, amp, phase, start, offs, length, stride_t, stride_d,
+    AMP: tl.constexpr, PHASE: tl.constexpr, AMP_PAD: tl.constexpr, PHASE_PAD: tl.constexpr,
+):
+    store_rows(ptr, amp, start, offs, length, stride_t, stride_d, tl.arange(0, AMP_PAD), AMP)
+    store_rows(ptr + AMP * stride_d, phase, start, offs, length, stride_t, stride_d, tl.arange(0, PHASE_PAD), PHASE)
+
+
+@triton.jit
+def visible_tile_range(
+    pos_ptr, start, length, bound,
+    TILE: tl.constexpr, SCAN_TILES: tl.constexpr, KEYS: tl.constexpr, CAUSAL: tl.constexpr,
+):
+    """Token range [lo, hi) of the TILE-sized tiles of the other side that a tile must visit.
+
+    The causal skip test, by positions: a key tile can be visible to a query tile iff its smallest
+    key position is <= the query tile's largest position (`bound`); KEYS=False asks the dual
+    question (a query tile whose largest position is >= `bound`, the key tile's smallest). The
+    range spans the first to the last such tile, found by a vectorised scan of SCAN_TILES tiles per
+    step; loops over it then need no runtime `if`, which would stop Triton from pipelining their
+    loads. For monotone positions (contiguous, offset, context-parallel chunks) it holds exactly
+    the visible tiles; for unsorted ones it may hold invisible tiles, which the mask zeroes.
+    """
+    n_tiles = tl.cdiv(length, TILE)
+    if CAUSAL:
+        lo = n_tiles
+        hi = n_tiles * 0
+        offs = tl.arange(0, SCAN_TILES * TILE)
+        for first_tile in range(0, n_tiles, SCAN_TILES):
+            pos = load_positions(pos_ptr, start, first_tile * TILE + offs, length)
+            if KEYS:
+                visible = tl.min(tl.reshape(pos, (SCAN_TILES, TILE)), 1) <= bound
+            else:
+                visible = tl.max(tl.reshape(pos, (SCAN_TILES, TILE)), 1) >= bound
+            tiles = first_tile + tl.arange(0, SCAN_TILES)
+            visible = visible & (tiles < n_tiles)
+            lo = tl.minimum(lo, tl.min(tl.where(visible, tiles, n_tiles), 0))
+            hi = tl.maximum(hi, tl.max(tl.where(visible, tiles + 1, 0), 0))
+    else:
+        lo = 0
+        hi = n_tiles
+    return lo * TILE, hi * TILE
+
+
+@triton.jit
+def is_visible(q_pos, k_pos, q_valid, k_valid, CAUSAL: tl.constexpr):
+    """Visibility of each (query, key) pair; the arguments come pre-broadcast to the tile's layout."""
+    visible = q_valid & k_valid
+    if CAUSAL:
+        visible = visible & (k_pos <= q_pos)
+    return visible
+
+
+@triton.jit
+def distance_power(row_pos, col_pos, alpha):
+    """|m - n|^alpha for a tile, 0 where m == n. row_pos (R,), col_pos (C,) int64 -> (R, C) fp32.
+
+    Off the diagonal a tile's distances often span a narrow range around a large center D0
+    (always so with context-parallel chunks or large offsets). There a binomial series around
+    D0 replaces the log2 + exp2 per element: d^a = D0^a (1 + x (c1 + x (c2 + x (c3 + x c4)))),
+    x = (d - D0) / D0 with |x| <= 1/16, truncation error ~1e-8 relative, below fp32 eps.
+    Integer work is int64 on the (R,) and (C,) vectors only: no int64 tile (registers).
+    """
+    row_min = tl.min(row_pos, 0)
+    row_max = tl.max(row_pos, 0)
+    col_min = tl.min(col_pos, 0)
+    col_max = tl.max(col_pos, 0)
+    # If the tile lies on one side of the diagonal, |d| spans [near, far] and
+    # 2 |d| - (near + far) = row_part + col_part - (far - near), all small exact integers.
+    rows_after = row_min > col_max
+    near = tl.where(rows_after, row_min - col_max, col_min - row_max)
+    far = tl.where(rows_after, row_max - col_min, col_max - row_min)
+    if (near > 0) & (16 * (far - near) <= near + far):
+        row_part = (tl.where(rows_after, row_pos - row_min, row_max - row_pos) * 2).to(tl.float32)
+        col_part = (tl.where(rows_after, col_max - col_pos, col_pos - col_min) * 2).to(tl.float32)
+        span = (near + far).to(tl.float32)  # 2 * D0
+        x = (row_part[:, None] + col_part[None, :] - (far - near).to(tl.float32)) / span
+        center_pow = tl.exp2(alpha * (tl.log2(span) - 1.0))
+        c1 = alpha
+        c2 = c1 * (alpha - 1.0) / 2.0
+        c3 = c2 * (alpha - 2.0) / 3.0
+        c4 = c3 * (alpha - 3.0) / 4.0
+        dist = center_pow * (1.0 + x * (c1 + x * (c2 + x * (c3 + x * c4))))
+    else:
+        # Positions relative to the tile's smallest row one: exact in int32 while a tile pair
+        # spans less than 2^31 positions.
+        diff = (row_pos - row_min).to(tl.int32)[:, None] - (col_pos - row_min).to(tl.int32)[None, :]
+        d = tl.abs(diff).to(tl.float32)
+        dist = tl.where(d > 0, tl.exp2(alpha * tl.log2(tl.maximum(d, 1.0))), 0.0)
+    return dist
+
+
+@triton.jit
+def phase_product(row_phase, col_phase, PHASE_QUADRATIC: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """phi * sqrt(P) for a tile (linear phase: the parts are the (n, 1) sums from load_split_rows)."""
+    if PHASE_QUADRATIC:
+        phi = tl.dot(row_phase, tl.trans(col_phase), input_precision=DOT_PRECISION)
+    else:
+        phi = row_phase + tl.trans(col_phase)
+    return phi
+
+
+@triton.jit
+def turns_to_radians(turns):
+    """2 pi * turns, reduced first in turns (exactly) to [-1/2, 1/2], so the angle lies in [-pi, pi]."""
+    return (turns - tl.floor(turns + 0.5)) * TWO_PI
+
+
+@triton.jit
+def cos_radians(angle, FAST_COS: tl.constexpr):
+    """cos of an angle in [-pi, pi]; FAST_COS uses the GPU's approximate cosine (CUDA only)."""
+    if FAST_COS:
+        cos = tl.inline_asm_elementwise(
+            "cos.approx.f32 $0, $1;", "=f,f", [angle], dtype=tl.float32, is_pure=True, pack=1
+        )
+    else:
+        cos = tl.cos(angle)
+    return cos
+
+
+@triton.jit
+def sin_radians(angle, FAST_COS: tl.constexpr):
+    """sin of an angle in [-pi, pi]; FAST_COS uses the GPU's approximate sine (CUDA only)."""
+    if FAST_COS:
+        sin = tl.inline_asm_elementwise(
+            "sin.approx.f32 $0, $1;", "=f,f", [angle], dtype=tl.float32, is_pure=True, pack=1
+        )
+    else:
+        sin = tl.sin(angle)
+    return sin
+
+
+@triton.jit
+def score_parts(
+    row_amp, row_phase, col_amp, col_phase, row_pos, col_pos, alpha, amp_scale, phase_scale,
+    PHASE_QUADRATIC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """The parts of a score tile: amplitude, |m - n|^alpha and the phase angle, so that s = amp * cos(angle)."""
+    amp = tl.dot(row_amp, tl.trans(col_amp), input_precision=DOT_PRECISION) * amp_scale
+    dist = distance_power(row_pos, col_pos, alpha)
+    phi = phase_product(row_phase, col_phase, PHASE_QUADRATIC, DOT_PRECISION) * phase_scale
+    return amp, dist, turns_to_radians(dist * phi)
