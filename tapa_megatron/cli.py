@@ -50,18 +50,32 @@ def _spawned_train(rank, world_size, port, cfg):
     train(cfg)
 
 
-def _run_training(cfg, nproc):
-    """Train in this process (alone, or as one rank of torchrun/srun), or spawn nproc local CPU ranks."""
+def _run_training(cfg, nproc, force=False):
+    """Train in this process (alone, or as one rank of torchrun / srun / mpirun), or spawn nproc local CPU
+    ranks. In this process USR1 or SIGTERM stops the run after a checkpoint, with PREEMPTED_EXIT_STATUS."""
+    from tapa_megatron.launch import rundir
+    from tapa_megatron.launch.signals import PREEMPTED_EXIT_STATUS, StopRequest
     from tapa_megatron.train import train
-
-    from tapa_megatron.train.distributed import check_layout
+    from tapa_megatron.train.distributed import check_layout, detect_launch
 
     try:
-        check_layout(cfg, int(os.environ.get("WORLD_SIZE", nproc)))
-    except (ValueError, NotImplementedError) as err:
+        launch = detect_launch()
+        in_process = nproc <= 1 or launch.launcher != "single"
+        check_layout(cfg, launch.world_size if in_process else nproc)
+    except (ValueError, NotImplementedError, RuntimeError) as err:
         raise SystemExit(f"tapa: {err}") from None
-    if nproc <= 1 or "WORLD_SIZE" in os.environ:
-        train(cfg)
+    conflict = rundir.recipe_conflict(cfg)
+    if conflict and not force:
+        raise SystemExit(f"tapa: {conflict}. Choose another run_dir, or pass --force to train there anyway "
+                         "(the old config.yaml is kept beside; the newest checkpoint there is resumed).")
+    if conflict and launch.rank == 0:
+        print(f"[run dir] --force: kept the previous run's config as {rundir.set_aside_config(cfg.run_dir)}")
+    if in_process:
+        if launch.rank == 0:
+            print(f"[launch] {launch}", flush=True)
+        result = train(cfg, stop_requested=StopRequest().install())
+        if result.preempted:
+            sys.exit(PREEMPTED_EXIT_STATUS)
         return
     import torch.multiprocessing as mp
 
@@ -71,12 +85,34 @@ def _run_training(cfg, nproc):
 
 
 def cmd_train(args):
-    _run_training(_load_run_config(args.recipe, args.overrides), args.nproc)
+    _run_training(_load_run_config(args.recipe, args.overrides), args.nproc, args.force)
 
 
 def cmd_extend(args):
     overrides = [*args.overrides, f"checkpoint.init_from={args.source}"]
-    _run_training(_load_run_config(args.recipe, overrides), args.nproc)
+    _run_training(_load_run_config(args.recipe, overrides), args.nproc, args.force)
+
+
+def cmd_submit(args):
+    from tapa_megatron.launch import slurm, submit
+
+    # argparse may file overrides under RECIPE or --chain; a key=value is an override wherever it stands
+    given = [*([args.recipe] if args.recipe else []), *args.overrides, *(args.chain or [])]
+    overrides = [item for item in given if "=" in item]
+    recipes = [item for item in given if "=" not in item]
+    if not recipes:
+        raise SystemExit("tapa submit: give a RECIPE, or --chain RECIPE RECIPE ...")
+    if len(recipes) > 1 and not args.chain:
+        raise SystemExit(f"tapa submit: several recipes ({', '.join(recipes)}): submit stages with --chain.")
+    job = submit.JobRequest(nodes=args.nodes, gpus_per_node=args.gpus_per_node, time=args.time,
+                            tasks_per_node=args.tasks_per_node, cpus_per_task=args.cpus_per_task,
+                            partition=args.partition, account=args.account,
+                            signal_lead=args.signal_lead, launcher=args.launcher)
+    try:
+        submit.run([resolve_recipe(name) for name in recipes], overrides, job, run_dir=args.run_dir,
+                   force=args.force, dry_run=args.dry_run)
+    except (submit.SubmitError, slurm.SlurmError) as err:
+        raise SystemExit(f"tapa submit: {err}") from None
 
 
 def cmd_data_prepare(args):
@@ -116,6 +152,8 @@ def _add_training_arguments(parser):
                         help="dotted overrides of the recipe, e.g. training.steps=50 model.tapa.alpha=0.2")
     parser.add_argument("--nproc", type=int, default=1,
                         help="spawn this many local processes (gloo on CPU); under torchrun/srun leave it at 1")
+    parser.add_argument("--force", action="store_true",
+                        help="train in a run_dir that holds another recipe's run (its config.yaml is kept beside)")
 
 
 def build_parser():
@@ -143,6 +181,33 @@ def build_parser():
                         help="a checkpoint directory, or a run directory (its newest complete checkpoint)")
     _add_training_arguments(extend)
     extend.set_defaults(handler=cmd_extend)
+
+    submit = commands.add_parser(
+        "submit", help="submit a recipe (or a chain: pretrain, then extensions) as Slurm jobs",
+        description="Render slurm/train.sbatch for RECIPE and submit it with sbatch; prints the job id, the run "
+                    "directory and the log. Jobs checkpoint and requeue themselves before their time limit and "
+                    "resume where they stopped. --chain submits stages that each start from the previous "
+                    "stage's final checkpoint. docs/slurm.md has the whole story.")
+    submit.add_argument("recipe", nargs="?", help="a recipe name from recipes/ or a path to a YAML file")
+    submit.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, for every stage")
+    submit.add_argument("--chain", nargs="+", metavar="RECIPE", help="stages, in order (instead of RECIPE)")
+    submit.add_argument("--nodes", type=int, default=1)
+    submit.add_argument("--gpus-per-node", type=int, required=True, help="0 for a CPU job (gloo)")
+    submit.add_argument("--tasks-per-node", type=int, help="ranks per node (default: one per GPU)")
+    submit.add_argument("--cpus-per-task", type=int, help="CPU cores per rank (data loading, host work)")
+    submit.add_argument("--time", required=True, help="time limit of each job, [D-]HH:MM:SS")
+    submit.add_argument("--partition")
+    submit.add_argument("--account")
+    submit.add_argument("--run-dir", help="the run directory (default: the recipe's run_dir); with --chain, "
+                                          "the parent of one directory per stage")
+    submit.add_argument("--signal-lead", type=int, default=300, metavar="SECONDS",
+                        help="USR1 this long before the time limit: checkpoint and requeue (default 300)")
+    submit.add_argument("--launcher", choices=("srun", "torchrun"), default="srun",
+                        help="srun: one task per GPU (default); torchrun: one torchrun per node")
+    submit.add_argument("--force", action="store_true",
+                        help="submit into a run directory that holds another recipe's run")
+    submit.add_argument("--dry-run", action="store_true", help="print the batch script(s); submit nothing")
+    submit.set_defaults(handler=cmd_submit)
 
     data = commands.add_parser("data", help="prepare training data")
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
@@ -193,6 +258,7 @@ def build_parser():
                                   description=convert_commands.__doc__,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     convert_commands.add_arguments(convert)
+
     return parser
 
 

@@ -108,26 +108,33 @@ def _rng_state():
     return state
 
 
+def _layout():
+    """This rank's grid: (pipeline, tensor, context, data) sizes."""
+    ps = parallel_state
+    return [ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size(),
+            ps.get_context_parallel_world_size(), ps.get_data_parallel_world_size()]
+
+
 def _rng_sharded_object(state):
     """One RNG state per rank, addressed by its (pipeline, tensor, context, data) coordinates."""
     ps = parallel_state
-    shape = (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size(),
-             ps.get_context_parallel_world_size(), ps.get_data_parallel_world_size())
     offset = (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
               ps.get_context_parallel_rank(), ps.get_data_parallel_rank())
-    return ShardedObject("rng_state", state, shape, offset, replica_id=0)
+    return ShardedObject("rng_state", state, tuple(_layout()), offset, replica_id=0)
 
 
-def _sharded_state(model, engine, is_loading, with_optimizer=True):
+def _sharded_state(model, engine, is_loading, with_optimizer=True, with_rng=True):
     model_state = model.sharded_state_dict()
-    state = {"model": model_state, "rng_state": _rng_sharded_object(_rng_state())}
+    state = {"model": model_state}
+    if with_rng:
+        state["rng_state"] = _rng_sharded_object(_rng_state())
     if with_optimizer:
         state["optimizer"] = engine.optimizer_sharded_state_dict(model_state, is_loading=is_loading)
     return state
 
 
 def save_checkpoint(run_dir, step, model, engine, consumed_samples, config_dict, keep=2, report=print):
-    """Save step's checkpoint (collective: every rank calls it). Returns its path."""
+    """Save step's checkpoint (collective: every rank calls it; each reports through `report`). Returns its path."""
     root = checkpoint_root(run_dir)
     final = root / checkpoint_name(step)
     if is_complete(final):
@@ -140,7 +147,7 @@ def save_checkpoint(run_dir, step, model, engine, consumed_samples, config_dict,
     dist.barrier()
     started = time.time()
     state = _sharded_state(model, engine, is_loading=False)
-    state.update(scheduler=engine.scheduler.state_dict(), config=config_dict,
+    state.update(scheduler=engine.scheduler.state_dict(), config=config_dict, layout=_layout(),
                  train_state={"step": step, "consumed_samples": consumed_samples})
     strategy = None if torch.cuda.is_available() else SynchronousTorchDistSave()
     dist_checkpointing.save(state, str(partial), sharded_strategy=strategy)
@@ -150,9 +157,9 @@ def save_checkpoint(run_dir, step, model, engine, consumed_samples, config_dict,
                                                   "world_size": dist.get_world_size(), "saved_at": time.time()}))
         os.replace(partial, final)
         _write_atomically(root / "latest", final.name)
-        _remove_old(root, keep, report)
-        report(f"[checkpoint] saved {final} in {time.time() - started:.1f}s")
+        _remove_old(root, keep)
     dist.barrier()
+    report(f"[checkpoint] saved {final} in {time.time() - started:.1f}s (keeping the newest {keep})")
     return final
 
 
@@ -162,11 +169,10 @@ def _write_atomically(path, text):
     os.replace(tmp, path)
 
 
-def _remove_old(root, keep, report):
+def _remove_old(root, keep):
     complete, _ = list_checkpoints(root)
     for path in complete[:-keep] if keep > 0 else []:
         shutil.rmtree(path)
-        report(f"[checkpoint] removed {path} (keeping the newest {keep})")
 
 
 def load_common(path):
@@ -174,11 +180,17 @@ def load_common(path):
     return dist_checkpointing.load_common_state_dict(str(path))
 
 
-def load_checkpoint(path, model, engine, with_optimizer=True):
-    """Load model (and optimizer, scheduler, RNG) state. Returns the train_state dict."""
-    state = _sharded_state(model, engine, is_loading=True, with_optimizer=with_optimizer)
-    if not with_optimizer:
-        state.pop("rng_state")
+def load_checkpoint(path, model, engine, with_optimizer=True, report=print):
+    """Load model (and optimizer, scheduler, RNG) state. Returns the train_state dict.
+
+    Model and optimizer state reshard to this rank's layout; RNG states are per rank and are restored
+    only when the layout is the one they were saved at."""
+    saved_layout = load_common(path).get("layout")
+    with_rng = with_optimizer and saved_layout == _layout()
+    if with_optimizer and not with_rng:
+        report(f"[checkpoint] {path} was saved at layout (pp, tp, cp, dp) = {saved_layout}, loading at {_layout()}: "
+               "model and optimizer reshard, RNG states start fresh")
+    state = _sharded_state(model, engine, is_loading=True, with_optimizer=with_optimizer, with_rng=with_rng)
     loaded = dist_checkpointing.load(state, str(path))
     # Megatron's linears carry an `_extra_state` slot (used by fp8) that the sharded format omits.
     result = model.load_state_dict(loaded["model"], strict=False)
@@ -189,6 +201,7 @@ def load_checkpoint(path, model, engine, with_optimizer=True):
     if with_optimizer:
         engine.load_optimizer_state_dict(loaded["optimizer"])
         engine.scheduler.load_state_dict(loaded["scheduler"])
+    if with_rng:
         rng = loaded["rng_state"]
         torch.set_rng_state(rng["torch"])
         if "cuda" in rng and torch.cuda.is_available():

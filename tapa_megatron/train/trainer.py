@@ -47,8 +47,10 @@ def _check_extension_source(source, cfg, say):
     """The source checkpoint must hold the same architecture and position scheme."""
     saved, ours = checkpoint.load_common(source)["config"]["model"], to_dict(cfg.model)
     keys = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
-            "tie_embeddings", "position")
-    mismatch = [f"{key}: {saved[key]} in {source}, {ours[key]} here" for key in keys if saved[key] != ours[key]]
+            "vocab_size", "tie_embeddings", "norm_epsilon", "position")
+    mismatch = [f"{key}: {saved[key]} in {source}, {ours[key]} here" for key in keys
+                if saved[key] != ours[key]
+                and not (key == "vocab_size" and None in (saved[key], ours[key]))]  # None: the tokenizer's
     if mismatch:
         raise ValueError("checkpoint.init_from does not match this model: " + "; ".join(mismatch))
     if saved["tapa"] != ours["tapa"]:
@@ -104,12 +106,13 @@ def _train(cfg, env, say, stop_requested):
     latest = checkpoint.latest_checkpoint(checkpoint.checkpoint_root(run_dir), report=say) \
         if cfg.checkpoint.resume == "auto" else None
     if latest is not None:
-        start_step = checkpoint.load_checkpoint(latest, model, engine)["step"]
+        start_step = checkpoint.load_checkpoint(latest, model, engine, report=say)["step"]
         say(f"[resume] continuing from {latest} at step {start_step}")
     elif cfg.checkpoint.init_from:
         source = checkpoint.resolve_checkpoint(cfg.checkpoint.init_from)
         _check_extension_source(source, cfg, say)
-        checkpoint.load_checkpoint(source, model, engine, with_optimizer=not cfg.checkpoint.reset_optimizer)
+        checkpoint.load_checkpoint(source, model, engine, with_optimizer=not cfg.checkpoint.reset_optimizer,
+                                   report=say)
         if cfg.checkpoint.reset_optimizer:
             say("[extend] weights loaded; optimizer and lr schedule start afresh")
 

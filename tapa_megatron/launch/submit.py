@@ -1,0 +1,222 @@
+"""tapa submit: a recipe, or a chain of them, as Slurm jobs.
+
+    tapa submit tiny-cpu --nodes 1 --gpus-per-node 0 --tasks-per-node 2 --time 01:00:00
+    tapa submit --chain pretrain extend-32k extend-128k --nodes 8 --gpus-per-node 8 --time 24:00:00
+
+Everything is checked before anything is submitted: the recipes and their overrides, the layout against
+nodes x tasks per node, the time limit against the signal lead, the partition, and each run directory
+(another recipe's run there is refused unless --force; a job of it still in the queue is refused). Each
+job's batch script (slurm/train.sbatch, filled in) is kept as RUN/logs/slurm-JOBID.sbatch beside its log
+RUN/logs/slurm-JOBID.out. Stage k+1 of a chain waits for stage k to succeed (afterok) and starts from its
+final checkpoint.
+"""
+
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from tapa_megatron.config import ConfigError, load_config
+from tapa_megatron.launch import rundir, script, slurm
+from tapa_megatron.train import RunConfig
+from tapa_megatron.train.distributed import check_layout
+
+DEFAULT_SIGNAL_LEAD = 300  # seconds before the time limit: enough to finish a step and write a checkpoint
+MAX_SIGNAL_LEAD = 65535  # sbatch --signal takes at most this
+SIGNAL_GRANULARITY = 60  # Slurm may send the signal up to a minute earlier than asked
+LAUNCHERS = ("srun", "torchrun")
+
+
+class SubmitError(ValueError):
+    pass
+
+
+@dataclass
+class JobRequest:
+    """The allocation asked of Slurm (the command line of tapa submit)."""
+    nodes: int
+    gpus_per_node: int
+    time: str  # [D-]HH:MM:SS
+    tasks_per_node: int | None = None  # default: one per GPU
+    cpus_per_task: int | None = None
+    partition: str | None = None
+    account: str | None = None
+    signal_lead: int = DEFAULT_SIGNAL_LEAD
+    launcher: str = "srun"
+
+    @property
+    def ranks_per_node(self):
+        return self.tasks_per_node or self.gpus_per_node
+
+    @property
+    def world_size(self):
+        return self.nodes * self.ranks_per_node
+
+
+@dataclass
+class Stage:
+    """One job: a recipe with its overrides, the run directory it trains in, and its batch script."""
+    cfg: RunConfig
+    arguments: list  # the batch script's arguments: the recipe, then key=value overrides
+    run_dir: Path
+    conflict: str | None  # another recipe's run in run_dir, accepted with --force
+    status: str  # what the run will do there: a new run, or resume from a checkpoint
+    script: str = ""
+
+
+def time_limit_seconds(text):
+    match = re.fullmatch(r"(?:(\d+)-)?(\d+):(\d\d):(\d\d)", text)
+    if match is None:
+        raise SubmitError(f"--time {text!r} is not [D-]HH:MM:SS; write e.g. 04:00:00 or 1-12:00:00.")
+    days, hours, minutes, seconds = (int(part or 0) for part in match.groups())
+    return ((days * 24 + hours) * 60 + minutes) * 60 + seconds
+
+
+def check_job(job):
+    if job.nodes < 1:
+        raise SubmitError(f"--nodes {job.nodes}: a job needs at least one node.")
+    if job.gpus_per_node < 0 or (job.tasks_per_node is not None and job.tasks_per_node < 1):
+        raise SubmitError("--gpus-per-node must be 0 or more and --tasks-per-node 1 or more.")
+    if job.ranks_per_node == 0:
+        raise SubmitError("--gpus-per-node 0 is a CPU job: say how many ranks (gloo) each node runs with "
+                          "--tasks-per-node N.")
+    if job.launcher not in LAUNCHERS:
+        raise SubmitError(f"--launcher {job.launcher!r} is unknown; use {' or '.join(LAUNCHERS)}.")
+    if not 0 < job.signal_lead <= MAX_SIGNAL_LEAD:
+        raise SubmitError(f"--signal-lead {job.signal_lead}: give 1 to {MAX_SIGNAL_LEAD} seconds (Slurm's limit).")
+    limit = time_limit_seconds(job.time)
+    if limit < job.signal_lead + SIGNAL_GRANULARITY:
+        raise SubmitError(
+            f"--time {job.time} ({limit} s) is shorter than the signal lead ({job.signal_lead} s, --signal-lead) "
+            f"plus Slurm's {SIGNAL_GRANULARITY} s signal granularity: the training would be told to stop as it "
+            "starts. Ask for more time, or a shorter --signal-lead.")
+
+
+def _stage_run_dir(cfg, run_dir, chained):
+    if run_dir is None:
+        return Path(cfg.run_dir).absolute()
+    return (Path(run_dir) / cfg.name if chained else Path(run_dir)).absolute()
+
+
+def plan(recipes, overrides, job, run_dir=None, force=False):
+    """The stages for recipes (paths), checked; nothing is written or submitted. Stage k > 0 starts from
+    stage k-1's final checkpoint. With several recipes, run_dir is the parent of one directory per stage."""
+    check_job(job)
+    stages = []
+    for recipe in recipes:
+        arguments = list(overrides)
+        if stages:
+            arguments.append(f"checkpoint.init_from={stages[-1].run_dir}")
+        try:
+            cfg = load_config(RunConfig, recipe, arguments)
+        except ConfigError as err:
+            raise SubmitError(f"{recipe}: {err}") from None
+        stage_dir = _stage_run_dir(cfg, run_dir, chained=len(recipes) > 1)
+        cfg.run_dir = str(stage_dir)
+        arguments.append(f"run_dir={stage_dir}")
+        try:
+            if job.gpus_per_node == 0:
+                check_layout(cfg, job.world_size)  # what a CPU node can run (gloo, no CUDA)
+            else:
+                cfg.data_parallel_size(job.world_size)
+        except (ValueError, NotImplementedError) as err:
+            raise SubmitError(f"{recipe} on {job.nodes} node(s) x {job.ranks_per_node} tasks: {err}") from None
+        if any(stage.run_dir == stage_dir for stage in stages):
+            raise SubmitError(f"two stages of the chain would train in {stage_dir}: give each recipe its own "
+                              "name, or submit them with --run-dir PARENT (one directory per stage name).")
+        conflict = rundir.recipe_conflict(cfg)
+        if conflict and not force:
+            raise SubmitError(f"{conflict}. Choose another --run-dir, or pass --force to train {cfg.name!r} there "
+                              "anyway (the old config.yaml is kept beside; the newest checkpoint there is resumed).")
+        stages.append(Stage(cfg, [str(Path(recipe).absolute()), *arguments], stage_dir, conflict,
+                            rundir.describe(stage_dir)))
+    for stage in stages:
+        stage.script = script.render(_directives(job, stage), stage.arguments,
+                                     {"TAPA_PYTHON": sys.executable, "TAPA_LAUNCHER": job.launcher})
+    return stages
+
+
+def _directives(job, stage):
+    lead = job.signal_lead
+    directives = [
+        (f"--job-name={stage.cfg.name}", None),
+        (f"--nodes={job.nodes}", None),
+        (f"--ntasks-per-node={job.ranks_per_node}", "one task per GPU" if job.gpus_per_node else "gloo ranks (CPU)"),
+    ]
+    if job.gpus_per_node:
+        directives.append((f"--gpus-per-node={job.gpus_per_node}", None))
+    if job.cpus_per_task:
+        directives.append((f"--cpus-per-task={job.cpus_per_task}", "OMP_NUM_THREADS follows it"))
+    directives += [
+        (f"--time={job.time}", None),
+        (f"--signal=B:USR1@{lead}", f"USR1 to this script {lead} s before the time limit: checkpoint, requeue"),
+        ("--requeue", "lets the script requeue the job"),
+        ("--open-mode=append", "one log across restarts"),
+        (f"--output={stage.run_dir}/logs/slurm-%j.out", None),
+        (f"--chdir={Path.cwd()}", "the recipe's relative paths are read from here"),
+    ]
+    if job.partition:
+        directives.append((f"--partition={job.partition}", None))
+    if job.account:
+        directives.append((f"--account={job.account}", None))
+    return directives
+
+
+def check_cluster(stages, job):
+    """What only the cluster knows: the partition exists, and no job of these run dirs is still queued."""
+    if job.partition:
+        known = slurm.partitions()
+        if job.partition not in known:
+            raise SubmitError(f"unknown partition {job.partition!r}; this cluster has: {', '.join(known)} "
+                              "(sinfo lists them).")
+    for stage in stages:
+        kept = sorted((stage.run_dir / "logs").glob("slurm-*.sbatch"))
+        ids = [path.stem.removeprefix("slurm-") for path in kept]
+        active = slurm.active_jobs([i for i in ids if i.isdigit()])
+        if active:
+            raise SubmitError(f"job {active[0]} of run dir {stage.run_dir} is still queued or running: wait for it "
+                              f"or `scancel {active[0]}`, then submit again (two jobs must not train one run).")
+
+
+def submit(stages, say=print):
+    """Submit the stages in order, each after the previous one; returns the job ids."""
+    submitted = []
+    for stage in stages:
+        logs = stage.run_dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)  # Slurm does not create the log's directory
+        kept_config = rundir.set_aside_config(stage.run_dir) if stage.conflict else None
+        options = [f"--dependency=afterok:{submitted[-1]}", "--kill-on-invalid-dep=yes"] if submitted else []
+        try:
+            job_id = slurm.sbatch(stage.script, options)
+        except slurm.SlurmError as err:
+            if kept_config is not None:
+                kept_config.rename(stage.run_dir / rundir.CONFIG_NAME)
+            earlier = f" (jobs {', '.join(submitted)} of the earlier stages are queued; scancel them if the chain " \
+                      "should not run)" if submitted else ""
+            raise SubmitError(f"{err}{earlier}") from None
+        (logs / f"slurm-{job_id}.sbatch").write_text(stage.script)
+        after = f", after job {submitted[-1]} succeeds" if submitted else ""
+        say(f"submitted job {job_id}: {stage.cfg.name}{after}")
+        say(f"  run dir  {stage.run_dir} ({stage.status})")
+        if kept_config is not None:
+            say(f"  --force: the previous run's config is kept as {kept_config}")
+        say(f"  log      {logs / f'slurm-{job_id}.out'}")
+        say(f"  script   {logs / f'slurm-{job_id}.sbatch'}")
+        submitted.append(job_id)
+    return submitted
+
+
+def run(recipes, overrides, job, run_dir=None, force=False, dry_run=False):
+    """tapa submit: plan, check, then print the scripts (dry run) or submit them."""
+    stages = plan(recipes, overrides, job, run_dir=run_dir, force=force)
+    if not dry_run or slurm.available():
+        check_cluster(stages, job)
+    if not dry_run:
+        return submit(stages)
+    for index, stage in enumerate(stages):
+        if len(stages) > 1:
+            print(f"# ==== stage {index + 1} of {len(stages)}: {stage.cfg.name} ({stage.status})")
+        else:
+            print(f"# {stage.cfg.name}: {stage.status}", file=sys.stderr)
+        print(stage.script)
+    return []
