@@ -259,7 +259,20 @@ def build_parser():
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     convert_commands.add_arguments(convert)
 
+    from tapa_megatron.plan import command as plan_command  # formulas only; megatron loads for a preset
+
+    plan = commands.add_parser("plan", help="TP x CP x PP x DP layouts that fit a model at a sequence length, "
+                               "with memory per GPU", description=plan_command.__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    plan_command.add_arguments(plan)
+    plan.set_defaults(handler=cmd_plan)
     return parser
+
+
+def cmd_plan(args):
+    from tapa_megatron.plan import command
+
+    command.run(args)
 
 
 def main(argv=None):

@@ -127,7 +127,12 @@ def context_parallel_attention(q, k, v, *, cp_group, comm="p2p", q_pos=None, k_p
             partials = _packed_partials(cu_local, max(doc_lengths) // cp_size, options)
         else:
             partials = _batched_partials(options)
-        out, lse = ring_attention(q, k, v, q_pos, k_pos, cp_group, zigzag and not packed, *partials)
+        positions_of = None
+        if zigzag and not packed:  # every rank's positions follow from the layout: none travel
+            def positions_of(rank):
+                _, positions = layout.zigzag_indices(doc_lengths, cp_size, rank, q.device)
+                return positions.expand(q.shape[0], -1)
+        out, lse = ring_attention(q, k, v, q_pos, k_pos, cp_group, positions_of, *partials)
         if packed:
             out, lse = out[0], lse[0]
         return (out, lse) if return_lse else out

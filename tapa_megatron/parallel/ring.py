@@ -1,6 +1,7 @@
 """Ring (p2p) context-parallel TAPA attention.
 
-Every rank keeps its queries; key/value blocks (with their positions) travel around the ring, one
+Every rank keeps its queries; key/value blocks travel around the ring (with their positions, unless the
+layout fixes them), one
 hop per step, while the rank attends to the block it holds: CP steps, the next block's transfer
 overlapping the current block's compute. Each step yields a partial (out, lse) over the keys of one
 block; partials merge exactly in fp32 (the op's (out, lse) contract).
@@ -57,18 +58,27 @@ def _merge_into(out_acc, lse_acc, out, lse, rows):
     lse_acc[:, :, rows] = new_lse
 
 
+def _held_block(block, step, rank, size, positions_of):
+    """(k, v, k_pos) of the block held at this step: positions travel with it, or follow from the layout."""
+    if positions_of is None:
+        return block
+    return (*block, positions_of((rank - step) % size))
+
+
 class RingTapaAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, q_pos, k_pos, group, zigzag, partial_forward, partial_backward):
+    def forward(ctx, q, k, v, q_pos, k_pos, group, positions_of, partial_forward, partial_backward):
         rank, size = dist.get_rank(group), dist.get_world_size(group)
+        zigzag = positions_of is not None
         acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         out_acc = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
         lse_acc = torch.full((q.shape[0], q.shape[2], q.shape[1]), float("-inf"), dtype=acc_dtype, device=q.device)
-        block = (k, v, k_pos)
+        block = (k, v) if zigzag else (k, v, k_pos)
         for step in range(size):
             pending = ring_exchange(block, group) if step + 1 < size else None  # overlaps this step's compute
             case = _block_case(step, (rank - step) % size, rank, zigzag)
-            rows, q_part, q_pos_part, k_part, v_part, k_pos_part, causal = _parts(case, q, q_pos, *block)
+            held = _held_block(block, step, rank, size, positions_of)
+            rows, q_part, q_pos_part, k_part, v_part, k_pos_part, causal = _parts(case, q, q_pos, *held)
             out, lse = partial_forward(q_part, k_part, v_part, q_pos_part, k_pos_part, causal)
             _merge_into(out_acc, lse_acc, out, lse, rows)
             if pending is not None:
@@ -76,7 +86,7 @@ class RingTapaAttention(torch.autograd.Function):
                 wait(requests)
         out = out_acc.to(q.dtype)
         ctx.save_for_backward(q, k, v, q_pos, k_pos, out, lse_acc)
-        ctx.group, ctx.zigzag, ctx.partial_backward = group, zigzag, partial_backward
+        ctx.group, ctx.positions_of, ctx.partial_backward = group, positions_of, partial_backward
         return out, lse_acc
 
     @staticmethod
@@ -88,11 +98,13 @@ class RingTapaAttention(torch.autograd.Function):
         dq = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
         dk = torch.zeros(k.shape, dtype=acc_dtype, device=k.device)  # the held block's gradients, travelling
         dv = torch.zeros(v.shape, dtype=acc_dtype, device=v.device)
-        block = (k, v, k_pos)
+        zigzag = ctx.positions_of is not None
+        block = (k, v) if zigzag else (k, v, k_pos)
         for step in range(size):
             pending = ring_exchange(block, group) if step + 1 < size else None
-            case = _block_case(step, (rank - step) % size, rank, ctx.zigzag)
-            rows, q_part, q_pos_part, k_part, v_part, k_pos_part, causal = _parts(case, q, q_pos, *block)
+            case = _block_case(step, (rank - step) % size, rank, zigzag)
+            held = _held_block(block, step, rank, size, ctx.positions_of)
+            rows, q_part, q_pos_part, k_part, v_part, k_pos_part, causal = _parts(case, q, q_pos, *held)
             grads = ctx.partial_backward(d_out[:, rows], None if d_lse is None else d_lse[:, :, rows], q_part, k_part,
                                          v_part, out[:, rows], lse[:, :, rows], q_pos_part, k_pos_part, causal)
             dq[:, rows] += grads[0]
@@ -107,6 +119,9 @@ class RingTapaAttention(torch.autograd.Function):
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
 
 
-def ring_attention(q, k, v, q_pos, k_pos, group, zigzag, partial_forward, partial_backward):
-    """This rank's (out, lse) of causal attention over the ring; q, k, v (B, S_local, H, D)."""
-    return RingTapaAttention.apply(q, k, v, q_pos, k_pos, group, zigzag, partial_forward, partial_backward)
+def ring_attention(q, k, v, q_pos, k_pos, group, positions_of, partial_forward, partial_backward):
+    """This rank's (out, lse) of causal attention over the ring; q, k, v (B, S_local, H, D).
+
+    positions_of(rank) -> that rank's key positions (B, S_local) when the zigzag layout fixes them (no
+    position messages, half-block cases); None: arbitrary positions, which travel with their block."""
+    return RingTapaAttention.apply(q, k, v, q_pos, k_pos, group, positions_of, partial_forward, partial_backward)
