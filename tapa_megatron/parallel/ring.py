@@ -1,9 +1,8 @@
 """Ring (p2p) context-parallel TAPA attention.
 
 Every rank keeps its queries; key/value blocks travel around the ring (with their positions, unless the
-layout fixes them), one
-hop per step, while the rank attends to the block it holds: CP steps, the next block's transfer
-overlapping the current block's compute. Each step yields a partial (out, lse) over the keys of one
+layout fixes them), one hop per step, while the rank attends to the block it holds: CP steps, the next
+block's transfer overlapping the current block's compute. Each step yields a partial (out, lse) over the keys of one
 block; partials merge exactly in fp32 (the op's (out, lse) contract).
 
 With the load-balanced (zigzag) layout, rank r holds chunks r and 2CP-1-r, and a block from rank j
