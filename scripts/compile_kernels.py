@@ -1,0 +1,249 @@
+#!/usr/bin/env python
+"""Compile the TAPA Triton kernels ahead of time for an NVIDIA GPU, on a machine without one.
+
+Triton's CPU interpreter, which runs the kernel tests, cannot show how the kernels compile for a
+GPU: registers, spills, shared memory, the FAST_COS inline PTX, the software-pipelined loads.
+This lowers the forward, delta, dK/dV and dQ kernels down to a cubin with Triton's bundled ptxas,
+with the launchers' own block sizes, num_warps / num_stages and constexprs, and prints per kernel
+what ptxas reports and what the PTX contains. Needs no GPU.
+
+    python scripts/compile_kernels.py               # every supported configuration, sm_90 (H100)
+    python scripts/compile_kernels.py --dtype bf16 --head-dim 128 --theta 0.5 --causal yes
+    python scripts/compile_kernels.py --arch 80     # sm_80 (A100)
+"""
+
+import os
+
+# Only a kernel decorated without TRITON_INTERPRET=1 can be compiled: unset it before the import.
+os.environ.pop("TRITON_INTERPRET", None)
+# Triton prints ptxas' report (registers, spills) of each compile it runs.
+os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
+
+import argparse
+import contextlib
+import io
+import itertools
+import json
+import re
+import sys
+import tempfile
+import time
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
+from triton.compiler import ASTSource
+
+from tapa_kernels.tapa_bwd import (
+    DELTA_BLOCK,
+    _tapa_bwd_delta_kernel,
+    _tapa_bwd_dkdv_kernel,
+    _tapa_bwd_dq_kernel,
+    dkdv_config,
+    dq_config,
+)
+from tapa_kernels.tapa_fwd import _tapa_fwd_kernel, fwd_config, kernel_constexprs
+from tapa_megatron.ops import amplitude_dim
+
+# The same behaviour as on a GPU with this Triton; the warning about a future default is noise here.
+warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION is unset")
+
+TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}  # keys: Triton's names
+# Pointers to something other than q / k / v-like rows of the input dtype.
+POINTEE_TYPES = {
+    "lse_ptr": "fp32", "delta_ptr": "fp32", "dlse_ptr": "fp32",
+    "q_pos_ptr": "i64", "k_pos_ptr": "i64", "cu_seqlens_q": "i32", "cu_seqlens_k": "i32",
+}
+FLOAT_SCALARS = ("alpha", "amp_scale", "phase_scale")  # as tapa_fwd.kernel_scalars passes them
+DIVISIBLE_BY_16 = [["tt.divisibility", 16]]
+ASYNC_COPY = re.compile(r"\bcp\.async\.c[ag]\.shared\.global\b")
+
+
+@dataclass(frozen=True)
+class Config:
+    dtype: str
+    head_dim: int
+    theta: float | None = None  # None for the delta kernel, which does not depend on them
+    phase: str | None = None
+    causal: bool | None = None
+
+
+@dataclass
+class Row:
+    kernel: str
+    config: Config
+    blocks: str = ""
+    num_warps: int | None = None
+    num_stages: int | None = None
+    registers: int | None = None
+    spill_stores: int | None = None
+    spill_loads: int | None = None
+    shared_bytes: int | None = None
+    cos_approx: bool | None = None
+    sin_approx: bool | None = None
+    async_copies: int | None = None
+    error: str | None = None
+
+
+def launch_choices(kernel, config):
+    """(jit function, constexpr arguments, compile options) as the launcher passes them on an NVIDIA GPU."""
+    dtype = TORCH_DTYPES[config.dtype]
+    if kernel.startswith("delta"):  # tapa_bwd launches it with Triton's default num_warps / num_stages
+        constexprs = dict(HEAD_DIM=config.head_dim, HAS_DLSE=kernel == "delta+dlse", BLOCK_M=DELTA_BLOCK)
+        return _tapa_bwd_delta_kernel, constexprs, {}
+    fn, choice = {
+        "fwd": (_tapa_fwd_kernel, fwd_config(dtype, config.head_dim, interpreted=False)),
+        "dkdv": (_tapa_bwd_dkdv_kernel, dkdv_config(dtype, interpreted=False)),
+        "dq": (_tapa_bwd_dq_kernel, dq_config(dtype, interpreted=False)),
+    }[kernel]
+    amp_dim = amplitude_dim(config.head_dim, config.theta)
+    constexprs = kernel_constexprs(dtype, config.head_dim, amp_dim, config.phase, config.causal, fast_cos=True)
+    # As in a launch, the keywords that are no kernel parameter (num_warps, num_stages) are compile options.
+    constexprs.update((name, value) for name, value in choice.items() if name in fn.arg_names)
+    options = {name: value for name, value in choice.items() if name not in fn.arg_names}
+    return fn, constexprs, options
+
+
+def is_unit_stride(name):
+    """The stride of a contiguous tensor's last axis: head dim of the (tokens, heads, dim) tensors
+    (stride_qd, ...), tokens of the (heads, tokens) dlse (stride_dlse_t)."""
+    return name.startswith("stride_") and (name.endswith("d") or name.endswith("_t"))
+
+
+def launch_signature(fn, dtype, constexprs):
+    """Argument types, constexprs and attributes of `fn` as Triton's JIT specializes a launch on
+    contiguous inputs: an int argument equal to 1 becomes a constexpr, and pointers and ints
+    divisible by 16 get a divisibility hint. These decide whether loads vectorise into 16-byte
+    async copies, so compiling without them misjudges registers and spills. Here the pointers,
+    strides (multiples of head_dim) and token counts are divisible by 16; the GQA group size
+    (heads_q / heads_kv) is not (with MHA it is 1: a constexpr)."""
+    signature, constexprs, attrs = {}, dict(constexprs), {}
+    for index, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif is_unit_stride(name):
+            signature[name] = "constexpr"
+            constexprs[name] = 1
+        elif name in FLOAT_SCALARS:
+            signature[name] = "fp32"
+        elif name == "group":
+            signature[name] = "i32"
+        elif name.endswith("_ptr") or name in POINTEE_TYPES:
+            signature[name] = "*" + POINTEE_TYPES.get(name, dtype)
+            attrs[(index,)] = DIVISIBLE_BY_16
+        else:  # strides and token counts
+            signature[name] = "i32"
+            attrs[(index,)] = DIVISIBLE_BY_16
+    return signature, constexprs, attrs
+
+
+def compile_kernel(kernel, config, arch):
+    """Compiles one kernel for cuda sm_<arch>; returns its table row (with `error` if it failed)."""
+    row = Row(kernel, config)
+    try:
+        fn, constexprs, options = launch_choices(kernel, config)
+        row.blocks = "x".join(str(constexprs[b]) for b in ("BLOCK_M", "BLOCK_N") if b in constexprs)
+        signature, constexprs, attrs = launch_signature(fn, config.dtype, constexprs)
+        source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+        ptxas_report = io.StringIO()
+        with contextlib.redirect_stdout(ptxas_report):
+            compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+        report = ptxas_report.getvalue()
+        registers = re.search(r"Used (\d+) registers", report)
+        spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
+        if registers is None or spills is None:
+            raise RuntimeError(f"no register / spill counts in ptxas' report:\n{report}")
+    except Exception as error:  # shown in the table; the other kernels still compile
+        row.error = f"{type(error).__name__}: {error}"
+        return row
+    ptx = compiled.asm["ptx"]
+    row.num_warps, row.num_stages = compiled.metadata.num_warps, compiled.metadata.num_stages
+    row.registers = int(registers[1])
+    row.spill_stores, row.spill_loads = int(spills[1]), int(spills[2])
+    row.shared_bytes = compiled.metadata.shared
+    row.cos_approx, row.sin_approx = "cos.approx" in ptx, "sin.approx" in ptx
+    row.async_copies = len(ASYNC_COPY.findall(ptx))  # emitted by the software pipeliner only
+    return row
+
+
+def jobs(dtypes, head_dims, thetas, phases, causals):
+    """(kernel, config) pairs: the delta kernels once per dtype and head dim, the others per configuration."""
+    for dtype, head_dim in itertools.product(dtypes, head_dims):
+        yield "delta", Config(dtype, head_dim)
+        yield "delta+dlse", Config(dtype, head_dim)
+        for theta, phase, causal in itertools.product(thetas, phases, causals):
+            for kernel in ("fwd", "dkdv", "dq"):
+                yield kernel, Config(dtype, head_dim, theta, phase, causal)
+
+
+COLUMNS = (  # header, width
+    ("kernel", 10), ("dtype", 5), ("D", 3), ("theta", 5), ("phase", 9), ("causal", 6), ("BLOCK_MxN", 9),
+    ("warps", 5), ("stages", 6), ("regs", 4), ("spill st/ld", 11), ("smem B", 6), ("cos.approx", 10),
+    ("sin.approx", 10), ("cp.async", 8),
+)
+
+
+def format_line(cells):
+    return "  ".join(f"{cell:<{width}}" for cell, (_, width) in zip(cells, COLUMNS)).rstrip()
+
+
+def format_row(row):
+    c = row.config
+    causal = "-" if c.causal is None else "yes" if c.causal else "no"
+    cells = [row.kernel, c.dtype, c.head_dim, "-" if c.theta is None else c.theta, c.phase or "-", causal]
+    if row.error:
+        return format_line(cells) + "  FAILED: " + row.error.splitlines()[0]
+    yes_no = {True: "yes", False: "no"}
+    return format_line(cells + [
+        row.blocks, row.num_warps, row.num_stages, row.registers, f"{row.spill_stores}/{row.spill_loads}",
+        row.shared_bytes, yes_no[row.cos_approx], yes_no[row.sin_approx], row.async_copies,
+    ])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dtype", nargs="+", choices=list(TORCH_DTYPES), default=list(TORCH_DTYPES))
+    parser.add_argument("--head-dim", nargs="+", type=int, choices=(64, 128), default=[64, 128])
+    parser.add_argument("--theta", nargs="+", type=float, default=[0.25, 0.5, 0.75], help="amplitude share of D")
+    parser.add_argument("--phase", nargs="+", choices=("quadratic", "linear"), default=["quadratic", "linear"])
+    parser.add_argument("--causal", nargs="+", choices=("yes", "no"), default=["yes", "no"])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability: 90 = H100 (sm_90), 80 = A100")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count(), help="parallel compiles")
+    parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
+    args = parser.parse_args()
+
+    ptxas = get_ptxas(args.arch)
+    todo = list(jobs(args.dtype, args.head_dim, args.theta, args.phase, [c == "yes" for c in args.causal]))
+    if not args.json:
+        print(f"Triton {triton.__version__}, target cuda sm_{args.arch}, ptxas {ptxas.version} ({ptxas.path})")
+        print("Arguments specialized as in a launch on contiguous inputs: unit strides are constexprs; pointers, "
+              "other strides and token counts divisible by 16; GQA group size > 1.\n")
+        print(format_line([header for header, _ in COLUMNS]))
+    started = time.time()
+    rows = []
+    # A fresh cache: a cached kernel would skip ptxas, and with it the report.
+    with tempfile.TemporaryDirectory() as cache_dir:
+        os.environ["TRITON_CACHE_DIR"] = cache_dir  # the pool's workers inherit it
+        with ProcessPoolExecutor(args.jobs) as pool:
+            futures = [pool.submit(compile_kernel, kernel, config, args.arch) for kernel, config in todo]
+            for future in futures:
+                rows.append(future.result())
+                if not args.json:
+                    print(format_row(rows[-1]), flush=True)
+    failed = [row for row in rows if row.error]
+    if args.json:
+        rows = [asdict(row) for row in rows]
+        print(json.dumps(dict(triton_version=triton.__version__, target=f"sm_{args.arch}", rows=rows), indent=1))
+    else:
+        print(f"\n{len(rows) - len(failed)} of {len(rows)} kernels compiled in {time.time() - started:.0f} s.")
+    for row in failed:
+        print(f"\n{row.kernel} {row.config}:\n{row.error}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
