@@ -58,6 +58,8 @@ def inspect_megatron(path):
                                  m.ffn_hidden_size, vocab, m.tie_embeddings, m.num_parameters(vocab), padded))]
     if m.position == "tapa":
         rows.append(("position", _tapa_row(m.tapa.alpha, m.tapa.theta, m.tapa.phase, m.head_dim)))
+    elif m.position == "none":
+        rows.append(("position", "none (NoPE: causal softmax attention, no positional signal)"))
     else:
         r = m.rope
         scaling = "" if r.scaling == "none" else f", {r.scaling} x{r.factor} from {r.original_max_position}"

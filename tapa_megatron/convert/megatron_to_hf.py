@@ -27,6 +27,9 @@ CARRIED_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id", "initializer_r
 
 def _export_format(model_cfg, requested, path):
     position = model_cfg.position
+    if position == "none":
+        raise ConversionError(f"{path} is a NoPE model (model.position=none), a training control; neither "
+                              "LlamaForCausalLM (RoPE) nor TapaLlama computes its logits, so it does not export.")
     if requested == "auto":
         return "llama" if position == "rope" else "tapa-llama"
     if requested == "llama" and position == "tapa":

@@ -1,8 +1,9 @@
-"""Core-attention submodules for Megatron-Core's SelfAttention: TAPA, and RoPE for the baselines.
+"""Core-attention submodules for Megatron-Core's SelfAttention: TAPA, and causal softmax attention for
+the baselines (RoPE, PI, YaRN, and NoPE: no positional signal at all).
 
 Both plug into the GPT layer spec as `core_attention` (see specs.py) with the model's
 position_embedding_type = "none": position information enters here, from token positions, so TAPA
-and its RoPE twins differ in one submodule and nothing else.
+and its baselines differ in one submodule and nothing else.
 
 Megatron hands core attention q [sq, b, heads, D] and k, v [sk, b, groups, D] (or [t, heads, D]
 for packed 'thd' batches) and expects [sq, b, heads * D] back.
@@ -27,7 +28,7 @@ from tapa_megatron.parallel import COMMS, context_parallel_attention
 class TapaTransformerConfig(TransformerConfig):
     """Megatron's TransformerConfig plus the position scheme's settings (saved with checkpoints)."""
 
-    position_scheme: str = "tapa"  # "tapa" or "rope"
+    position_scheme: str = "tapa"  # "tapa", "rope" or "none" (NoPE)
     tapa_alpha: float = 0.1
     tapa_theta: float = 0.5
     tapa_phase: str = "quadratic"
@@ -115,39 +116,47 @@ class TapaCoreAttention(MegatronModule):
         return out.transpose(0, 1).reshape(query.shape[0], query.shape[1], -1)
 
 
-class RotaryCoreAttention(MegatronModule):
-    """Causal softmax attention with RoPE (plain, PI or YaRN) applied to q and k from positions."""
+class SoftmaxCoreAttention(MegatronModule):
+    """Causal softmax attention for the baselines: with position_scheme "rope", RoPE (plain, PI or YaRN)
+    rotates q and k by their positions; with "none" (NoPE) nothing does, and the causal mask is the
+    model's only source of order."""
 
     def __init__(self, config: TapaTransformerConfig, layer_number, attn_mask_type, attention_type,
                  attention_dropout=None, softmax_scale=None, cp_comm_type=None, pg_collection=None):
         super().__init__(config=config)
         _check_causal(attn_mask_type)
         if config.context_parallel_size > 1:
-            raise ValueError("context parallelism is built for TAPA; the RoPE baselines run with "
+            raise ValueError("context parallelism is built for TAPA; the RoPE and NoPE baselines run with "
                              "context_parallel_size = 1.")
-        head_dim = config.kv_channels
-        self.register_buffer(
-            "inv_freq",
-            rope_inverse_frequencies(head_dim, config.rope_base, config.rope_scaling, config.rope_scaling_factor,
-                                     config.rope_original_max_position),
-            persistent=False,
-        )
-        self.qk_scale = yarn_attention_scale(config.rope_scaling, config.rope_scaling_factor)
+        self.rotary = config.position_scheme == "rope"
+        if self.rotary:
+            self.register_buffer(
+                "inv_freq",
+                rope_inverse_frequencies(config.kv_channels, config.rope_base, config.rope_scaling,
+                                         config.rope_scaling_factor, config.rope_original_max_position),
+                persistent=False,
+            )
+            self.qk_scale = yarn_attention_scale(config.rope_scaling, config.rope_scaling_factor)
         self.softmax_scale = softmax_scale
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
 
+    def _rotate(self, x, positions):
+        """x (B, S, H, D) rotated by positions (B, S) under RoPE; unchanged under NoPE."""
+        if not self.rotary:
+            return x
+        return apply_rope(x, positions, self.inv_freq.to(torch.promote_types(x.dtype, torch.float32)), self.qk_scale)
+
     def pair_scores(self, q, k, q_pos, k_pos):
         """Pre-softmax scores q_rot . k_rot / sqrt(D) of N (query, key) pairs: q, k (N, D), positions (N,)."""
-        q_rot = apply_rope(q[:, None, None].double(), q_pos[:, None], self.inv_freq.double(), self.qk_scale)
-        k_rot = apply_rope(k[:, None, None].double(), k_pos[:, None], self.inv_freq.double(), self.qk_scale)
+        q_rot = self._rotate(q[:, None, None].double(), q_pos[:, None])
+        k_rot = self._rotate(k[:, None, None].double(), k_pos[:, None])
         scale = self.softmax_scale or q.shape[-1] ** -0.5
         return (q_rot * k_rot).sum(-1).reshape(-1) * scale
 
     def _attend(self, q, k, v):
         """q (b, s, h, D), k/v (b, s, g, D), positions arange: causal SDPA with GQA."""
         positions = torch.arange(q.shape[1], device=q.device).expand(q.shape[0], -1)
-        q = apply_rope(q, positions, self.inv_freq, self.qk_scale)
-        k = apply_rope(k, positions, self.inv_freq, self.qk_scale)
+        q, k = self._rotate(q, positions), self._rotate(k, positions)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale,
                                              dropout_p=self.dropout if self.training else 0.0,
@@ -158,7 +167,7 @@ class RotaryCoreAttention(MegatronModule):
                 packed_seq_params=None):
         _refuse_mask(attention_mask)
         if attention_bias is not None:
-            raise ValueError("attention_bias is not supported by RoPE core attention.")
+            raise ValueError("attention_bias is not supported by the baselines' core attention.")
         if packed_seq_params is not None:  # one document at a time, positions restarting at 0
             cu_q, cu_k, _, _ = _packed_layout(packed_seq_params)
             bounds = zip(cu_q.tolist(), cu_q.tolist()[1:], cu_k.tolist(), cu_k.tolist()[1:])

@@ -1,5 +1,5 @@
 """The model section of a recipe: a LLaMA-3-style shape (from a preset or explicit), and the position
-scheme (TAPA or a RoPE baseline). `transformer_config` turns it into Megatron's TransformerConfig."""
+scheme (TAPA, or a RoPE / NoPE baseline). `transformer_config` turns it into Megatron's TransformerConfig."""
 
 import dataclasses
 from dataclasses import dataclass, field
@@ -18,7 +18,7 @@ PRESETS = {
     "8b": dict(num_layers=32, hidden_size=4096, num_attention_heads=32, num_query_groups=8, ffn_hidden_size=14336),
     "70b": dict(num_layers=80, hidden_size=8192, num_attention_heads=64, num_query_groups=8, ffn_hidden_size=28672),
 }
-POSITIONS = ("tapa", "rope")
+POSITIONS = ("tapa", "rope", "none")  # none: NoPE, the no-positional-signal control
 
 
 @dataclass
@@ -49,7 +49,7 @@ class ModelConfig:
     tie_embeddings: bool = False
     norm_epsilon: float = 1e-5
     init_std: float = 0.02
-    position: str = "tapa"  # "tapa" or "rope"
+    position: str = "tapa"  # "tapa", "rope" or "none" (NoPE)
     tapa: TapaSettings = field(default_factory=TapaSettings)
     rope: RopeSettings = field(default_factory=RopeSettings)
 

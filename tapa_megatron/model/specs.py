@@ -1,4 +1,4 @@
-"""GPT layer specs with TAPA (or RoPE) core attention, built from Megatron-Core's own specs.
+"""GPT layer specs with TAPA (or a baseline's) core attention, built from Megatron-Core's own specs.
 
 Megatron's spec builders give the LLaMA layer (RMSNorm, SwiGLU, fused QKV, no biases); we replace
 one submodule, `self_attention.submodules.core_attention`, which is Megatron's extension point.
@@ -12,9 +12,9 @@ from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_with_transformer_engine_spec,
 )
 
-from tapa_megatron.model.attention import RotaryCoreAttention, TapaCoreAttention
+from tapa_megatron.model.attention import SoftmaxCoreAttention, TapaCoreAttention
 
-CORE_ATTENTION = {"tapa": TapaCoreAttention, "rope": RotaryCoreAttention}
+CORE_ATTENTION = {"tapa": TapaCoreAttention, "rope": SoftmaxCoreAttention, "none": SoftmaxCoreAttention}
 
 
 def transformer_engine_available():
@@ -22,7 +22,7 @@ def transformer_engine_available():
 
 
 def gpt_layer_spec(position="tapa", use_transformer_engine=None):
-    """The layer spec for `position` ("tapa" or "rope").
+    """The layer spec for `position` ("tapa", "rope" or "none").
 
     use_transformer_engine: None picks Transformer Engine's linears and norms when it is importable
     on a CUDA machine, Megatron's local modules otherwise (the CPU path).

@@ -143,3 +143,11 @@ def test_command_line_reports_errors_without_a_traceback(hf_dir, tmp_path, capsy
         main(["convert", "megatron-to-hf", "--ckpt", str(tmp_path), "--out", str(tmp_path / "y")])
     with pytest.raises(SystemExit, match="tapa convert inspect: .* is neither a Hugging Face model directory"):
         main(["convert", "inspect", str(tmp_path)])
+
+
+def test_nope_models_do_not_export():
+    from tapa_megatron.model import ModelConfig
+
+    for requested in megatron_to_hf.FORMATS:
+        with pytest.raises(ConversionError, match="NoPE model .* does not export"):
+            megatron_to_hf._export_format(ModelConfig(position="none"), requested, "runs/nope")

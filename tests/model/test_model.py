@@ -11,7 +11,7 @@ from megatron.core.transformer.enums import AttnMaskType
 
 from tapa_megatron.model import (
     ModelConfig,
-    RotaryCoreAttention,
+    SoftmaxCoreAttention,
     TapaCoreAttention,
     TapaSettings,
     build_gpt_model,
@@ -62,6 +62,24 @@ def test_dense_masks_are_refused():
         attn(q, q[:, :, :2], q[:, :, :2], torch.ones(1, 1, 4, 4, dtype=torch.bool))
 
 
+def test_nope_core_attention_is_plain_causal_softmax():
+    """NoPE: softmax(q k^T / sqrt(D)) v under the causal mask, no rotation, GQA; checked in float64."""
+    attn = core_attention(SoftmaxCoreAttention, tiny(position="none"))
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(12, 2, 4, 32, generator=gen, dtype=torch.float64)  # [s, b, heads, D]
+    k, v = torch.randn(12, 2, 2, 32, generator=gen, dtype=torch.float64), torch.randn(12, 2, 2, 32, generator=gen,
+                                                                                     dtype=torch.float64)
+    out = attn(q, k, v, None).view(12, 2, 4, 32)
+    kk, vv = k.repeat_interleave(2, dim=2), v.repeat_interleave(2, dim=2)  # query head h reads group h // 2
+    scores = torch.einsum("sbhd,tbhd->bhst", q, kk) / math.sqrt(32)
+    scores = scores.masked_fill(torch.ones(12, 12, dtype=torch.bool).triu(1), float("-inf"))
+    expected = torch.einsum("bhst,tbhd->sbhd", scores.softmax(-1), vv)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    pos = torch.tensor([0, 5, 900])  # pair scores carry no position: the same pair scores alike at any distance
+    pair = attn.pair_scores(q[0, 0, :1].expand(3, -1), k[0, 0, :1].expand(3, -1), pos, torch.zeros(3, dtype=torch.long))
+    assert torch.allclose(pair, pair[0].expand(3))
+
+
 def test_rope_matches_megatron_rotary_embedding(megatron_single_rank):
     """Our position-based RoPE (base 5e5, and PI x4) equals Megatron's RotaryEmbedding + apply_rotary_pos_emb."""
     x = torch.randn(16, 2, 4, 64, dtype=torch.float64).float()  # [s, b, h, D]
@@ -94,13 +112,13 @@ def test_yarn_frequencies():
     assert yarn_attention_scale("yarn", 8.0) == pytest.approx(0.1 * math.log(8) + 1)
 
 
-@pytest.mark.parametrize("position", ["tapa", "rope"])
+@pytest.mark.parametrize("position", ["tapa", "rope", "none"])
 def test_gpt_model_forward_backward(megatron_single_rank, position):
     model_cfg = tiny(position=position)
     torch.manual_seed(0)
     model = build_gpt_model(model_cfg, transformer_config(model_cfg), vocab_size=97, max_sequence_length=64)
     layer = model.decoder.layers[0].self_attention.core_attention
-    assert isinstance(layer, TapaCoreAttention if position == "tapa" else RotaryCoreAttention)
+    assert isinstance(layer, TapaCoreAttention if position == "tapa" else SoftmaxCoreAttention)
     tokens = torch.randint(0, 97, (2, 32))
     loss = model(tokens, None, None, labels=tokens)  # per-token losses [b, s]
     assert loss.shape == (2, 32)
@@ -114,12 +132,12 @@ def test_gpt_model_forward_backward(megatron_single_rank, position):
 def test_tapa_model_has_no_position_parameters(megatron_single_rank):
     """TAPA adds no parameters: same count as the RoPE twin, and no position embedding table."""
     counts = {}
-    for position in ("tapa", "rope"):
+    for position in ("tapa", "rope", "none"):
         cfg = tiny(position=position)
         model = build_gpt_model(cfg, transformer_config(cfg), vocab_size=97, max_sequence_length=64)
         counts[position] = sum(p.numel() for p in model.parameters())
         assert not any("position_embeddings" in name for name, _ in model.named_parameters())
-    assert counts["tapa"] == counts["rope"] == tiny().num_parameters(97)
+    assert counts["tapa"] == counts["rope"] == counts["none"] == tiny().num_parameters(97)
 
 
 def test_spec_replaces_only_core_attention():
