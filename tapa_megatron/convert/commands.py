@@ -2,7 +2,7 @@
 
     tapa convert hf-to-megatron --hf meta-llama-3-8b/ --out ckpt/llama3-8b-tapa --position tapa --tp 8
     tapa convert megatron-to-hf --ckpt runs/llama3-8b-tapa-128k --out hf/llama3-8b-tapa-128k
-    tapa convert inspect runs/llama3-8b-tapa-128k
+    tapa convert inspect runs/llama3-8b-tapa-128k [--verify]
 
 See docs/checkpoints.md for the formats, the parameter mapping and the full recipe.
 """
@@ -50,7 +50,7 @@ def cmd_inspect(args):
     from tapa_megatron.convert.inspect_checkpoint import inspect_path
 
     try:
-        rows = inspect_path(args.path)
+        rows = inspect_path(args.path, verify=args.verify)
     except ConversionError as err:
         _fail("inspect", err)
     for label, text in rows:
@@ -104,6 +104,9 @@ def add_arguments(parser):
     inspect = commands.add_parser(
         "inspect", help="print what a checkpoint is: format, shape, TAPA settings, layout, step, size",
         description="Describe a tapa-megatron checkpoint (or run directory) or a Hugging Face model directory "
-                    "from its metadata, without loading weights.")
+                    "from its metadata, without loading weights; --verify checks a checkpoint's files first.")
     inspect.add_argument("path", metavar="DIR")
+    inspect.add_argument("--verify", action="store_true",
+                         help="check every file of the checkpoint against the sizes and SHA-256 sums in its completion "
+                              "marker first (reads all of it); exits non-zero if one does not match")
     inspect.set_defaults(handler=cmd_inspect)

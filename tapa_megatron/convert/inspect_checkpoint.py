@@ -1,7 +1,8 @@
 """`tapa convert inspect DIR`: what a checkpoint is, read from its metadata only (no weights loaded).
 
 Understands our Megatron checkpoints (a checkpoint directory, or a run directory: its newest complete
-checkpoint) and Hugging Face Llama / TapaLlama directories.
+checkpoint) and Hugging Face Llama / TapaLlama directories. With --verify, a Megatron checkpoint's files
+are first checked against the sizes and SHA-256 sums in its completion marker (this reads every byte).
 """
 
 import json
@@ -111,19 +112,33 @@ def inspect_hf(path):
     return rows
 
 
-def inspect_path(path):
-    """Rows of (label, text) describing the checkpoint or model directory at path."""
+def _verified_row(path):
+    problems = checkpoint.verify(path)
+    if problems:
+        raise ConversionError(f"{path} is damaged: {'; '.join(problems)}. Resuming skips it for the newest "
+                              "checkpoint that verifies; restore it from a copy, or move it away.")
+    if problems is None:
+        return ("verify", f"not possible: its {checkpoint.MARKER} holds no checksums (written by an earlier "
+                          "tapa-megatron)")
+    files = json.loads((path / checkpoint.MARKER).read_text())["files"]
+    return ("verify", f"ok: all {len(files)} files match the sizes and SHA-256 sums in {checkpoint.MARKER}")
+
+
+def inspect_path(path, verify=False):
+    """Rows of (label, text) describing the checkpoint or model directory at path. verify: check a Megatron
+    checkpoint's files first (ConversionError if they do not match)."""
     path = Path(path)
     if not path.exists():
         raise ConversionError(f"{path} does not exist.")
     if (path / "config.json").is_file():
         return inspect_hf(path)
     try:
-        checkpoint.resolve_checkpoint(path)
+        found = checkpoint.resolve_checkpoint(path)
     except FileNotFoundError:
         if (path / "metadata.json").is_file():
             raise ConversionError(f"{path} is a Megatron dist checkpoint without tapa-megatron's completion marker "
                                   f"({checkpoint.MARKER}): unfinished, or written by another tool.") from None
         raise ConversionError(f"{path} is neither a Hugging Face model directory (config.json) nor a tapa-megatron "
                               "checkpoint or run directory.") from None
-    return inspect_megatron(path)
+    verified = _verified_row(found) if verify else None
+    return inspect_megatron(path) + ([verified] if verified else [])

@@ -5,7 +5,6 @@ dist_checkpointing stores every tensor as a global tensor with shard metadata, s
 here by one process loads at any tensor/pipeline layout, and one saved at any layout loads here.
 """
 
-import json
 import os
 import socket
 import time
@@ -20,7 +19,7 @@ from tapa_megatron.config import ConfigError, from_dict
 from tapa_megatron.convert import ConversionError
 from tapa_megatron.model import ModelConfig, build_gpt_model, transformer_config
 from tapa_megatron.train import checkpoint
-from tapa_megatron.train.checkpoint import MARKER, SynchronousTorchDistSave
+from tapa_megatron.train.checkpoint import SynchronousTorchDistSave
 
 EMBEDDING = "embedding.word_embeddings.weight"
 
@@ -64,7 +63,7 @@ def save_checkpoint(model, path, common_state):
     train_state = common_state["train_state"]
     marker = {"step": train_state["step"], "consumed_samples": train_state["consumed_samples"], "world_size": 1,
               "saved_at": time.time()}
-    (Path(path) / MARKER).write_text(json.dumps(marker))
+    checkpoint.write_marker(path, marker, checkpoint.file_checksums(path))
 
 
 def load_weights(model, path):
