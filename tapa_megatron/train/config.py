@@ -45,6 +45,7 @@ class TrainingConfig:
     recompute: str | None = None  # None, "full" or "selective"
     log_every: int = 1
     tensorboard: bool = True
+    skip_nonfinite_steps: int = 0  # NaN/Inf steps skipped (not applied, logged) per job before stopping (guard.py)
 
 
 @dataclass
@@ -54,6 +55,7 @@ class CheckpointConfig:
     resume: str = "auto"  # auto: continue from the newest complete checkpoint in the run dir; none
     init_from: str | None = None  # extension: load weights (only) from this checkpoint before step 0
     reset_optimizer: bool = True  # extension: start the optimizer and lr schedule afresh
+    allow_mismatch: list[str] = field(default_factory=list)  # load anyway despite: tokenizer, position (compat.py)
 
 
 @dataclass

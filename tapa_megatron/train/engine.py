@@ -30,6 +30,7 @@ class StepResult:
     loss: float  # mean over the global batch's tokens (same on every rank)
     grad_norm: float  # before clipping
     lr: float  # the learning rate this step used
+    applied: bool = True  # False: the loss or gradient norm was NaN/Inf and the update was not applied (guard.py)
 
 
 def lr_scheduler(optimizer, cfg):
@@ -89,15 +90,17 @@ class PortableEngine:
         loss = pipeline.forward_backward(self.model, micro_batches, self.activation_shape, self.dtype)
         self._all_reduce_gradients()
         grad_norm = self._grad_norm()
+        loss, lr = _global_mean_loss(loss), self.lr
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):  # the same on every rank: both are global
+            return StepResult(loss=loss, grad_norm=grad_norm, lr=lr, applied=False)
         clip = self.cfg.optimizer.clip_grad
         if clip > 0 and grad_norm > clip:
             for param in self.model.parameters():
                 if param.grad is not None:
                     param.grad.mul_(clip / (grad_norm + 1e-6))
-        lr = self.lr
         self.optimizer.step()
         self.scheduler.step(1)
-        return StepResult(loss=_global_mean_loss(loss), grad_norm=grad_norm, lr=lr)
+        return StepResult(loss=loss, grad_norm=grad_norm, lr=lr)
 
     @property
     def lr(self):
@@ -177,10 +180,13 @@ class MegatronEngine:
             num_microbatches=len(micro_batches), seq_length=self.seq_length, micro_batch_size=self.micro_batch_size,
             forward_only=False)
         lr = self.lr
+        last_stage_loss = torch.stack([x["lm loss"] for x in losses]).mean() if losses else None
+        loss = _global_mean_loss(last_stage_loss)
+        if not math.isfinite(loss):  # Megatron's optimizer only skips fp16 overflows itself
+            return StepResult(loss=loss, grad_norm=math.nan, lr=lr, applied=False)
         _, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(1)
-        last_stage_loss = torch.stack([x["lm loss"] for x in losses]).mean() if losses else None
-        return StepResult(loss=_global_mean_loss(last_stage_loss), grad_norm=float(grad_norm or 0.0), lr=lr)
+        return StepResult(loss=loss, grad_norm=float(grad_norm or 0.0), lr=lr)
 
     @property
     def lr(self):

@@ -16,10 +16,11 @@ from tapa_megatron.config import dump_yaml, to_dict
 from tapa_megatron.data.dataset import build_datasets
 from tapa_megatron.data.tokenizer import load_tokenizer
 from tapa_megatron.model import build_gpt_model, transformer_config
-from tapa_megatron.train import checkpoint
+from tapa_megatron.train import checkpoint, compat
 from tapa_megatron.train.batches import micro_batches
 from tapa_megatron.train.distributed import setup_parallel, teardown_parallel
 from tapa_megatron.train.engine import build_engine
+from tapa_megatron.train.guard import NonFiniteGuard
 from tapa_megatron.train.metrics import Metrics, flops_per_token
 
 VOCAB_MULTIPLE = 128  # the embedding is padded so every tensor-parallel rank gets an equal, aligned slice
@@ -41,22 +42,6 @@ def padded_vocab_size(vocab_size, tensor_parallel):
 def _precision(cfg):
     bf16 = cfg.training.precision == "bf16" or (cfg.training.precision == "auto" and torch.cuda.is_available())
     return torch.bfloat16 if bf16 else torch.float32
-
-
-def _check_extension_source(source, cfg, say):
-    """The source checkpoint must hold the same architecture and position scheme."""
-    saved, ours = checkpoint.load_common(source)["config"]["model"], to_dict(cfg.model)
-    keys = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
-            "vocab_size", "tie_embeddings", "norm_epsilon", "position")
-    mismatch = [f"{key}: {saved[key]} in {source}, {ours[key]} here" for key in keys
-                if saved[key] != ours[key]
-                and not (key == "vocab_size" and None in (saved[key], ours[key]))]  # None: the tokenizer's
-    if mismatch:
-        raise ValueError("checkpoint.init_from does not match this model: " + "; ".join(mismatch))
-    if saved["tapa"] != ours["tapa"]:
-        say(f"[extend] warning: TAPA settings change from {saved['tapa']} to {ours['tapa']} "
-            "(the paper extends with them unchanged)")
-    say(f"[extend] starting from {source}")
 
 
 def train(cfg, report=print, stop_requested=None):
@@ -103,14 +88,18 @@ def _train(cfg, env, say, stop_requested):
 
     # Where to start: the run's own newest checkpoint, else (extension) another run's weights, else step 0.
     start_step = 0
-    latest = checkpoint.latest_checkpoint(checkpoint.checkpoint_root(run_dir), report=say) \
+    latest = checkpoint.latest_verified_checkpoint(checkpoint.checkpoint_root(run_dir), report=say) \
         if cfg.checkpoint.resume == "auto" else None
     if latest is not None:
+        for line in compat.check(compat.from_checkpoint(latest), cfg, tokenizer, vocab_size, "resume"):
+            say(line)
         start_step = checkpoint.load_checkpoint(latest, model, engine, report=say)["step"]
         say(f"[resume] continuing from {latest} at step {start_step}")
     elif cfg.checkpoint.init_from:
-        source = checkpoint.resolve_checkpoint(cfg.checkpoint.init_from)
-        _check_extension_source(source, cfg, say)
+        source = checkpoint.resolve_verified(cfg.checkpoint.init_from)
+        for line in compat.check(compat.from_checkpoint(source), cfg, tokenizer, vocab_size, "extend"):
+            say(line)
+        say(f"[extend] starting from {source}")
         checkpoint.load_checkpoint(source, model, engine, with_optimizer=not cfg.checkpoint.reset_optimizer,
                                    report=say)
         if cfg.checkpoint.reset_optimizer:
@@ -137,6 +126,7 @@ def _train(cfg, env, say, stop_requested):
         f"steps {start_step}..{t.steps}")
 
     last_step = t.steps if t.exit_after_steps is None else min(t.steps, start_step + t.exit_after_steps)
+    guard, identity = NonFiniteGuard(cfg, env.device, report=say), compat.identity(tokenizer, vocab_size)
     losses = []
     preempted = False
     metrics.start()
@@ -145,6 +135,7 @@ def _train(cfg, env, say, stop_requested):
         batches = micro_batches(train_ds, step, t, env.data_parallel_size, env.data_parallel_rank, env.device,
                                 context_parallel=cfg.parallel.context)
         result = engine.train_step(batches)
+        guard.check(step + 1, result)  # a NaN/Inf step stops the run here, before anything is saved
         losses.append((step, result.loss, result.grad_norm))
         since_log += 1
         done = step + 1
@@ -157,9 +148,9 @@ def _train(cfg, env, say, stop_requested):
             break
         if cfg.checkpoint.save_every and done % cfg.checkpoint.save_every == 0 and done < last_step:
             checkpoint.save_checkpoint(run_dir, done, model, engine, done * t.global_batch_size, to_dict(cfg),
-                                       keep=cfg.checkpoint.keep, report=say)
+                                       keep=cfg.checkpoint.keep, report=say, identity=identity)
     final = checkpoint.save_checkpoint(run_dir, last_step, model, engine, last_step * t.global_batch_size,
-                                       to_dict(cfg), keep=cfg.checkpoint.keep, report=say)
+                                       to_dict(cfg), keep=cfg.checkpoint.keep, report=say, identity=identity)
     if last_step < t.steps:
         reason = "preempted" if preempted else "training.exit_after_steps"
         say(f"[train] stopped after step {last_step} of {t.steps} ({reason}); "
