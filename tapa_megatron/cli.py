@@ -32,6 +32,23 @@ def resolve_recipe(name):
     raise SystemExit(f"tapa: no recipe {name!r}: not a file, and not one of recipes/: {', '.join(known)}")
 
 
+def _launch_rank(env=os.environ):
+    """This process's rank in a torchrun / srun / MPI launch (0 when alone), read from its environment."""
+    if "RANK" in env:
+        return int(env["RANK"])
+    if "SLURM_STEP_NUM_TASKS" in env and "SLURM_PROCID" in env:
+        return int(env["SLURM_PROCID"])
+    return next((int(env[name]) for name in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
+                 if name in env), 0)
+
+
+def _fail(message):
+    """Exit non-zero with a one-line error: rank 0 prints it, the other ranks of a launch exit quietly."""
+    if _launch_rank() != 0:
+        raise SystemExit(1)
+    raise SystemExit(f"tapa: {message}")
+
+
 def _load_run_config(recipe, overrides):
     from tapa_megatron.config import ConfigError, load_config
     from tapa_megatron.train import RunConfig
@@ -39,49 +56,45 @@ def _load_run_config(recipe, overrides):
     try:
         return load_config(RunConfig, resolve_recipe(recipe), overrides)
     except ConfigError as err:
-        raise SystemExit(f"tapa: {err}") from None
-
-
-def _spawned_train(rank, world_size, port, cfg):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
-                      LOCAL_RANK=str(rank))
-    from tapa_megatron.train import train
-
-    train(cfg)
+        _fail(err)
 
 
 def _run_training(cfg, nproc, force=False):
-    """Train in this process (alone, or as one rank of torchrun / srun / mpirun), or spawn nproc local CPU
-    ranks. In this process USR1 or SIGTERM stops the run after a checkpoint, with PREEMPTED_EXIT_STATUS."""
-    from tapa_megatron.launch import rundir
+    """Check everything that can be checked (train/validate.py), then train in this process (alone, or as one
+    rank of torchrun / srun / mpirun) or on nproc local CPU ranks (launch/local.py). USR1, SIGTERM or SIGINT
+    stops the run after a checkpoint, with PREEMPTED_EXIT_STATUS."""
+    from tapa_megatron.launch import local, rundir
     from tapa_megatron.launch.signals import PREEMPTED_EXIT_STATUS, StopRequest
     from tapa_megatron.train import train
-    from tapa_megatron.train.distributed import check_layout, detect_launch
+    from tapa_megatron.train.distributed import detect_launch
+    from tapa_megatron.train.errors import RunError
+    from tapa_megatron.train.validate import validate_run
 
     try:
         launch = detect_launch()
         in_process = nproc <= 1 or launch.launcher != "single"
-        check_layout(cfg, launch.world_size if in_process else nproc)
-    except (ValueError, NotImplementedError, RuntimeError) as err:
-        raise SystemExit(f"tapa: {err}") from None
+        validate_run(cfg, launch.world_size if in_process else nproc)
+    except (ValueError, RuntimeError) as err:  # RunError, and detect_launch's
+        _fail(err)
     conflict = rundir.recipe_conflict(cfg)
     if conflict and not force:
-        raise SystemExit(f"tapa: {conflict}. Choose another run_dir, or pass --force to train there anyway "
-                         "(the old config.yaml is kept beside; the newest checkpoint there is resumed).")
+        _fail(f"{conflict}. Choose another run_dir, or pass --force to train there anyway "
+              "(the old config.yaml is kept beside; the newest checkpoint there is resumed).")
     if conflict and launch.rank == 0:
         print(f"[run dir] --force: kept the previous run's config as {rundir.set_aside_config(cfg.run_dir)}")
-    if in_process:
-        if launch.rank == 0:
-            print(f"[launch] {launch}", flush=True)
-        result = train(cfg, stop_requested=StopRequest().install())
-        if result.preempted:
-            sys.exit(PREEMPTED_EXIT_STATUS)
-        return
-    import torch.multiprocessing as mp
-
-    from tapa_megatron.train.distributed import _free_port
-
-    mp.spawn(_spawned_train, args=(nproc, _free_port(), cfg), nprocs=nproc, join=True)
+    if not in_process:
+        sys.exit(local.run(cfg, nproc))
+    if launch.rank == 0:
+        print(f"[launch] {launch}", flush=True)
+    with StopRequest() as stop:
+        try:
+            result = train(cfg, stop_requested=stop)
+        except RunError as err:
+            _fail(err)
+        except KeyboardInterrupt:
+            _fail("interrupted twice: stopped without a checkpoint (the complete ones are kept)")
+    if result.preempted:
+        sys.exit(PREEMPTED_EXIT_STATUS)
 
 
 def cmd_train(args):

@@ -97,7 +97,11 @@ def apply_overrides(data, overrides):
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key.path=value")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({_yaml_problem(err)}); quote "
+                              "strings, close brackets, e.g. key=[1, 2]") from None
         node = data
         parts = key.strip().split(".")
         for part in parts[:-1]:
@@ -108,6 +112,13 @@ def apply_overrides(data, overrides):
     return data
 
 
+def _yaml_problem(err):
+    """A YAML error in one line: what is wrong, and where."""
+    mark = getattr(err, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(err, 'problem', None) or str(err).splitlines()[0]}{where}"
+
+
 def read_yaml(path):
     path = Path(path)
     if not path.is_file():
@@ -115,7 +126,7 @@ def read_yaml(path):
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML: {err}") from err
+        raise ConfigError(f"{path} is not valid YAML: {_yaml_problem(err)}") from None
     if data is not None and not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping at the top level")
     return data or {}

@@ -192,6 +192,20 @@ def read_documents(paths, text_field: str = "text") -> dict[str, str]:
     return documents
 
 
+BINARY_SHARE = 0.1  # a document with more control characters than this is not text
+
+
+def refuse_binary(documents):
+    """Raise ValueError for a document that is mostly control characters (NUL bytes, UTF-16): valid UTF-8,
+    but not text. Tabs, line and page breaks are text; a stray NUL in real text is kept."""
+    for name, text in documents.items():
+        controls = sum(1 for char in text if char < " " and char not in "\t\n\r\f\v")
+        if text and controls > BINARY_SHARE * len(text):
+            raise ValueError(f"document {name!r} looks binary, not text: {controls:,} of its {len(text):,} characters "
+                             "are control characters such as NUL (a UTF-16 file? an archive?); convert it to UTF-8 "
+                             "text (e.g. iconv -f UTF-16 -t UTF-8) or leave it out.")
+
+
 def _read_utf8(path: Path) -> str:
     try:
         # newline="" keeps the text exactly as stored (no \r\n -> \n translation).

@@ -61,6 +61,14 @@ def build_datasets(data_path, tokenizer, seq_length: int, seed: int, num_train_s
     return train_ds, valid_ds
 
 
+def check_prepared(data_path, tokenizer, split: str = "98,2,0"):
+    """What build_datasets would refuse, found without building anything: a missing .bin/.idx pair, a
+    tokenizer other than the one that wrote it, a split that leaves a share without documents."""
+    prefix = _resolve_prefix(Path(data_path))
+    _check_tokenizer_matches(prefix, tokenizer)
+    _check_split(split, len(IndexedDataset(str(prefix))))
+
+
 def _resolve_prefix(data_path: Path) -> Path:
     prefix = (data_path / TRAIN_PREFIX if data_path.is_dir() else data_path).resolve()
     missing = [path.name for path in (prefix.with_name(prefix.name + ".bin"), prefix.with_name(prefix.name + ".idx"))

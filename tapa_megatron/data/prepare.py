@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
-from tapa_megatron.data.corpus import load_gutenberg_books, read_documents
+from tapa_megatron.data.corpus import load_gutenberg_books, read_documents, refuse_binary
 from tapa_megatron.data.tokenizer import load_tokenizer, train_tokenizer
 
 TRAIN_PREFIX = "train_text_document"
@@ -55,6 +55,7 @@ def prepare(out_dir, *, corpus=None, inputs=None, test_books=None, tokenizer_pat
     given_tokenizer = None if tokenizer_path is None else load_tokenizer(tokenizer_path)  # fail early if bad
 
     documents = load_gutenberg_books(cache_dir) if corpus else read_documents(inputs, text_field=text_field)
+    refuse_binary(documents)
     empty = [name for name, text in documents.items() if not text]
     documents = {name: text for name, text in documents.items() if text}
     if not documents:

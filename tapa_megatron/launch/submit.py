@@ -3,9 +3,12 @@
     tapa submit tiny-cpu --nodes 1 --gpus-per-node 0 --tasks-per-node 2 --time 01:00:00
     tapa submit --chain pretrain extend-32k extend-128k --nodes 8 --gpus-per-node 8 --time 24:00:00
 
-Everything is checked before anything is submitted: the recipes and their overrides, the layout against
-nodes x tasks per node, the time limit against the signal lead, the partition, and each run directory
-(another recipe's run there is refused unless --force; a job of it still in the queue is refused). Each
+Everything is checked before anything is submitted: the recipes and their overrides (train/validate.py,
+as `tapa train` checks them: values, data directory and tokenizer, what each stage starts from, each
+stage of a chain against the one before), the layout against nodes x tasks per node, the time limit
+against the signal lead, the partition, and each run directory (another recipe's run there is refused
+unless --force; a job of it still in the queue is refused). A dry run works without a configured Slurm:
+what only the cluster can answer is then left unchecked, and it says so. Each
 job's batch script (slurm/train.sbatch, filled in) is kept as RUN/logs/slurm-JOBID.sbatch beside its log
 RUN/logs/slurm-JOBID.out. Stage k+1 of a chain waits for stage k to succeed (afterok) and starts from its
 final checkpoint.
@@ -19,7 +22,8 @@ from pathlib import Path
 from tapa_megatron.config import ConfigError, load_config
 from tapa_megatron.launch import rundir, script, slurm
 from tapa_megatron.train import RunConfig
-from tapa_megatron.train.distributed import check_layout
+from tapa_megatron.train.errors import RunError
+from tapa_megatron.train.validate import validate_run
 
 DEFAULT_SIGNAL_LEAD = 300  # seconds before the time limit: enough to finish a step and write a checkpoint
 MAX_SIGNAL_LEAD = 65535  # sbatch --signal takes at most this
@@ -69,6 +73,9 @@ def time_limit_seconds(text):
     if match is None:
         raise SubmitError(f"--time {text!r} is not [D-]HH:MM:SS; write e.g. 04:00:00 or 1-12:00:00.")
     days, hours, minutes, seconds = (int(part or 0) for part in match.groups())
+    if minutes > 59 or seconds > 59 or (match.group(1) is not None and hours > 23):
+        raise SubmitError(f"--time {text!r}: minutes and seconds run from 00 to 59 (and hours to 23 after a day "
+                          "count); write e.g. 01:39:00 for 99 minutes.")
     return ((days * 24 + hours) * 60 + minutes) * 60 + seconds
 
 
@@ -103,6 +110,7 @@ def plan(recipes, overrides, job, run_dir=None, force=False):
     stage k-1's final checkpoint. With several recipes, run_dir is the parent of one directory per stage."""
     check_job(job)
     stages = []
+    previous = None  # what the stage before leaves: the start of the next one
     for recipe in recipes:
         arguments = list(overrides)
         if stages:
@@ -114,12 +122,9 @@ def plan(recipes, overrides, job, run_dir=None, force=False):
         stage_dir = _stage_run_dir(cfg, run_dir, chained=len(recipes) > 1)
         cfg.run_dir = str(stage_dir)
         arguments.append(f"run_dir={stage_dir}")
-        try:
-            if job.gpus_per_node == 0:
-                check_layout(cfg, job.world_size)  # what a CPU node can run (gloo, no CUDA)
-            else:
-                cfg.data_parallel_size(job.world_size)
-        except (ValueError, NotImplementedError) as err:
+        try:  # a CPU job runs what this machine can run (gloo, no CUDA); GPU nodes check CUDA themselves
+            previous = validate_run(cfg, job.world_size, this_machine=job.gpus_per_node == 0, previous=previous)
+        except RunError as err:
             raise SubmitError(f"{recipe} on {job.nodes} node(s) x {job.ranks_per_node} tasks: {err}") from None
         if any(stage.run_dir == stage_dir for stage in stages):
             raise SubmitError(f"two stages of the chain would train in {stage_dir}: give each recipe its own "
@@ -209,10 +214,15 @@ def submit(stages, say=print):
 def run(recipes, overrides, job, run_dir=None, force=False, dry_run=False):
     """tapa submit: plan, check, then print the scripts (dry run) or submit them."""
     stages = plan(recipes, overrides, job, run_dir=run_dir, force=force)
-    if not dry_run or slurm.available():
-        check_cluster(stages, job)
     if not dry_run:
+        check_cluster(stages, job)
         return submit(stages)
+    if slurm.available():
+        try:
+            check_cluster(stages, job)
+        except slurm.SlurmError as err:
+            print(f"# not checked with Slurm, which did not answer ({err}): the partition, and jobs of these run "
+                  "directories still queued", file=sys.stderr)
     for index, stage in enumerate(stages):
         if len(stages) > 1:
             print(f"# ==== stage {index + 1} of {len(stages)}: {stage.cfg.name} ({stage.status})")
