@@ -423,7 +423,7 @@ def _write_atomically(path, text):
 
 
 def _remove_old(root, keep, saved_step):
-    """Delete all but the newest `keep` complete checkpoints (keep 0: none), each renamed first, so that a
+    """Delete all but the newest `keep` complete checkpoints (keep 0 keeps all), each renamed first, so that a
     crash mid-delete leaves a .removing directory, never a checkpoint with files missing. Leftovers of
     earlier crashes go too: .removing directories and the .partial ones of earlier steps."""
     complete, incomplete = list_checkpoints(root)

@@ -39,7 +39,7 @@ def _rules(cfg):
     rules += [
         ("training.exit_after_steps", t.exit_after_steps, t.exit_after_steps is None or t.exit_after_steps >= 1,
          "null (run to training.steps) or a whole number >= 1"),
-        ("optimizer.lr", o.lr, _finite(o.lr) and o.lr > 0, "a finite number > 0"),
+        ("optimizer.lr", o.lr, _finite(o.lr) and o.lr >= 0, "a finite number >= 0"),
         ("optimizer.min_lr_ratio", o.min_lr_ratio, _finite(o.min_lr_ratio) and 0 <= o.min_lr_ratio <= 1,
          "a fraction of optimizer.lr from 0 to 1"),
         ("optimizer.betas", betas, len(betas) == 2 and all(_finite(b) and 0 <= b < 1 for b in betas),

@@ -213,7 +213,7 @@ def test_bad_input_is_refused_before_anything_is_submitted(case, slurm_cluster, 
     positional, changes, message = BAD_INPUT[case]
     options = {"--gpus-per-node": "0", "--tasks-per-node": "2", "--time": "00:10:00", **changes}
     argv = ["submit", *positional, *(item for key, value in options.items() if value is not None
-                                     for item in (key, value)), f"data.path={novels_data}"]
+                                     for item in (key, value)), f"data.path={novels_data}", "data.split=1,1,0"]
     monkeypatch.setenv("SLURM_CONF", slurm_cluster.env["SLURM_CONF"])
     monkeypatch.chdir(tmp_path)
     before = slurm_cluster.job_ids()
@@ -231,7 +231,7 @@ def test_another_recipe_in_a_run_dir_is_refused_naming_both(reference, slurm_clu
     monkeypatch.setenv("SLURM_CONF", slurm_cluster.env["SLURM_CONF"])
     with pytest.raises(SystemExit) as refused:
         cli.main(["submit", "tiny-cpu-extend", *CPU_JOB, "--tasks-per-node", "2", "--run-dir", str(run_dir),
-                  f"data.path={novels_data}"])
+                  f"data.path={novels_data}", "data.split=1,1,0"])
     message = str(refused.value.code)
     assert f"run dir {run_dir} holds a run of recipe 'tiny-cpu'" in message
     assert "this is recipe 'tiny-cpu-extend'" in message and "--force" in message
@@ -245,12 +245,13 @@ def test_dry_run_prints_the_batch_script_and_submits_nothing(slurm_cluster, nove
     monkeypatch.chdir(tmp_path)
     jobs = slurm_cluster.job_ids()
     cli.main(["submit", "tiny-cpu", *CPU_JOB, "--nodes", "2", "--tasks-per-node", "1", "--partition", "debug",
-              "--signal-lead", "120", "--dry-run", f"data.path={novels_data}"])
+              "--signal-lead", "120", "--dry-run", f"data.path={novels_data}", "data.split=1,1,0"])
     printed = capsys.readouterr().out
     for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1", "#SBATCH --signal=B:USR1@120",
                  "#SBATCH --requeue", "#SBATCH --open-mode=append", "#SBATCH --partition=debug",
                  f"#SBATCH --output={tmp_path}/runs/tiny-cpu/logs/slurm-%j.out",
-                 f"set -- {cli.RECIPES_DIR}/tiny-cpu.yaml data.path={novels_data} run_dir={tmp_path}/runs/tiny-cpu",
+                 f"set -- {cli.RECIPES_DIR}/tiny-cpu.yaml data.path={novels_data} data.split=1,1,0 "
+                 f"run_dir={tmp_path}/runs/tiny-cpu",
                  "scontrol requeue"):
         assert line in printed
     assert "gpus-per-node" not in printed  # a CPU job asks for no GPUs
