@@ -29,7 +29,7 @@ def resolve_recipe(name):
         if candidate.is_file():
             return candidate
     known = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
-    raise SystemExit(f"tapa: no recipe {name!r}: not a file, and not one of recipes/: {', '.join(known)}")
+    _fail(f"no recipe {name!r}: not a file, and not one of recipes/: {', '.join(known)}")
 
 
 def _launch_rank(env=os.environ):
