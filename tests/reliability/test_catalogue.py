@@ -230,7 +230,9 @@ def test_on_a_multi_rank_launch_only_rank_0_prints(inputs, tmp_path, monkeypatch
 
 def test_dry_run_works_where_slurm_is_installed_but_not_configured(inputs, tmp_path, monkeypatch, capsys):
     paths, _, _ = inputs
-    monkeypatch.setenv("SLURM_CONF", str(tmp_path / "no-slurm.conf"))
+    unconfigured = tmp_path.parent / f"{tmp_path.name}-slurm.conf"
+    unconfigured.write_text("")  # an empty slurm.conf fails at once (a missing one is retried for 60 s)
+    monkeypatch.setenv("SLURM_CONF", str(unconfigured))
     monkeypatch.chdir(tmp_path)
     cli.main(["submit", "tiny-cpu", "--gpus-per-node", "0", "--tasks-per-node", "2", "--time", "00:10:00",
               "--partition", "gpu", "--dry-run", f"data.path={paths['data']}", "data.split=1,1,0"])
