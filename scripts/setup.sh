@@ -9,7 +9,7 @@ VENV=${VENV:-.venv}
 if ! command -v nvidia-smi >/dev/null 2>&1; then
   "$VENV/bin/pip" install -q torch==2.13.0
 fi
-"$VENV/bin/pip" install -q -e '.[dev]'
+"$VENV/bin/pip" install -q -e '.[dev,deepspeed]'  # DeepSpeed's sdist builds without torch; the CPU torch above serves it
 # The launch tests (tests/launch) start a private Slurm cluster on this machine and run an MPI launch:
 # Slurm's daemons and client from Debian (as root, only where missing), mpi4py with MPICH's wheel in the venv.
 if command -v apt-get >/dev/null 2>&1 && [[ $(id -u) == 0 ]] && ! dpkg -s slurmctld slurmd slurm-client >/dev/null 2>&1; then
