@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tapa_kernels.tapa_fwd import LOG2E, interpreting, kernel_options, kernel_scalars
+from tapa_kernels.tapa_fwd import LOG2E, interpreting, kernel_options, kernel_scalars, mma_warps
 from tapa_kernels.tapa_score import (
     TWO_PI,
     cos_radians,
@@ -230,15 +230,16 @@ def dkdv_config(dtype, interpreted):
         return dict(BLOCK_M=32, BLOCK_N=32, SCAN_TILES=4)
     if dtype == torch.float32:
         return dict(BLOCK_M=16, BLOCK_N=32, SCAN_TILES=64, num_warps=8, num_stages=2)
-    return dict(BLOCK_M=32, BLOCK_N=64, SCAN_TILES=64, num_warps=8, num_stages=2)
+    return dict(BLOCK_M=32, BLOCK_N=64, SCAN_TILES=64, num_warps=mma_warps(64), num_stages=2)  # rows: keys
 
 
 def dq_config(dtype, interpreted):
     """Launch options of the dQ kernel (BLOCK_M: queries per program, BLOCK_N: keys per step)."""
     if interpreted:
         return dict(BLOCK_M=32, BLOCK_N=32, SCAN_TILES=4)
-    block_m = 32 if dtype == torch.float32 else 64
-    return dict(BLOCK_M=block_m, BLOCK_N=32, SCAN_TILES=64, num_warps=8, num_stages=2)
+    if dtype == torch.float32:
+        return dict(BLOCK_M=32, BLOCK_N=32, SCAN_TILES=64, num_warps=8, num_stages=2)
+    return dict(BLOCK_M=64, BLOCK_N=32, SCAN_TILES=64, num_warps=mma_warps(64), num_stages=2)
 
 
 def tapa_bwd(

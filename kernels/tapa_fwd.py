@@ -149,6 +149,13 @@ def kernel_scalars(alpha, amp_dim, head_dim):
     return dict(alpha=float(alpha), amp_scale=1.0 / math.sqrt(amp_dim), phase_scale=1.0 / math.sqrt(head_dim - amp_dim))
 
 
+def mma_warps(tile_rows):
+    """num_warps for a tile of `tile_rows` rows: each warp of an NVIDIA mma layout owns 16 rows, and
+    a wgmma warpgroup (4 warps) 64, so 8 warps on a 64-row tile would both compute the same rows
+    (Triton's fused-attention tutorial drops those configurations too)."""
+    return 8 if tile_rows >= 128 else 4
+
+
 def fwd_config(dtype, head_dim, interpreted):
     """Block sizes and launch options. Not autotuned (there was no GPU to tune on): picked among
     the tiles that Triton compiles for sm_90 with (almost) no register spills, read off ptxas'
@@ -159,9 +166,9 @@ def fwd_config(dtype, head_dim, interpreted):
         return dict(BLOCK_M=32, BLOCK_N=32, SCAN_TILES=4)
     if dtype == torch.float32:  # exact fp32 products run on CUDA cores and hold more registers
         block_m = 64 if head_dim <= 64 else 32
-    else:
-        block_m = 128 if head_dim <= 64 else 64
-    return dict(BLOCK_M=block_m, BLOCK_N=32, SCAN_TILES=64, num_warps=8, num_stages=2)
+        return dict(BLOCK_M=block_m, BLOCK_N=32, SCAN_TILES=64, num_warps=8, num_stages=2)
+    block_m = 128 if head_dim <= 64 else 64
+    return dict(BLOCK_M=block_m, BLOCK_N=32, SCAN_TILES=64, num_warps=mma_warps(block_m), num_stages=2)
 
 
 def tapa_fwd(
