@@ -36,19 +36,19 @@ DELTA_BLOCK = 64  # query rows per program of the delta kernel
 
 
 @triton.jit
-def recompute_probs(amp, angle, visible, lse, FAST_COS: tl.constexpr):
+def recompute_probs(amp, angle, visible, lse, FAST_MATH: tl.constexpr):
     """Softmax probabilities of a tile from the saved lse (pre-broadcast); also returns cos(angle)."""
-    cos = cos_radians(angle, FAST_COS)
+    cos = cos_radians(angle, FAST_MATH)
     probs = tl.where(visible, tl.exp2((amp * cos - lse) * LOG2E), 0.0)
     return probs, cos
 
 
 @triton.jit
-def score_grads(probs, dprobs, delta, amp, dist, angle, cos, FAST_COS: tl.constexpr):
+def score_grads(probs, dprobs, delta, amp, dist, angle, cos, FAST_MATH: tl.constexpr):
     """Gradients wrt the amplitude and the phase phi of a tile, from dP = dO.V^T (delta pre-broadcast)."""
     dscores = probs * (dprobs - delta)
     d_amp = dscores * cos
-    d_phi = dscores * amp * dist * sin_radians(angle, FAST_COS) * -TWO_PI
+    d_phi = dscores * amp * dist * sin_radians(angle, FAST_MATH) * -TWO_PI
     return d_amp, d_phi
 
 
@@ -94,7 +94,7 @@ def _tapa_bwd_dkdv_kernel(
     total_q, alpha, amp_scale, phase_scale, group,
     AMP: tl.constexpr, PHASE: tl.constexpr, AMP_PAD: tl.constexpr, PHASE_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, PHASE_QUADRATIC: tl.constexpr, CAUSAL: tl.constexpr,
-    FAST_COS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    FAST_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SCAN_TILES: tl.constexpr,
 ):
     block_n = tl.program_id(0)
@@ -140,13 +140,13 @@ def _tapa_bwd_dkdv_kernel(
             delta = tl.load(delta_head_ptr + offs_m, mask=q_valid, other=0.0)
             amp, dist, angle = score_parts(
                 k_amp, k_phase, q_amp, q_phase, k_pos, q_pos, alpha, amp_scale, phase_scale,
-                PHASE_QUADRATIC, DOT_PRECISION,
+                PHASE_QUADRATIC, DOT_PRECISION, FAST_MATH,
             )
             visible = is_visible(q_pos[None, :], k_pos[:, None], q_valid[None, :], (offs_n < k_len)[:, None], CAUSAL)
-            probs, cos = recompute_probs(amp, angle, visible, lse[None, :], FAST_COS)
+            probs, cos = recompute_probs(amp, angle, visible, lse[None, :], FAST_MATH)
             dv = tl.dot(probs.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
             dprobs = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-            d_amp, d_phi = score_grads(probs, dprobs, delta[None, :], amp, dist, angle, cos, FAST_COS)
+            d_amp, d_phi = score_grads(probs, dprobs, delta[None, :], amp, dist, angle, cos, FAST_MATH)
             dk_amp = tl.dot(d_amp.to(q_amp.dtype), q_amp, dk_amp, input_precision=DOT_PRECISION)
             dk_phase = accumulate_phase_grad(dk_phase, d_phi, q_phase, PHASE_QUADRATIC, DOT_PRECISION)
 
@@ -169,7 +169,7 @@ def _tapa_bwd_dq_kernel(
     total_q, alpha, amp_scale, phase_scale, group,
     AMP: tl.constexpr, PHASE: tl.constexpr, AMP_PAD: tl.constexpr, PHASE_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, PHASE_QUADRATIC: tl.constexpr, CAUSAL: tl.constexpr,
-    FAST_COS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    FAST_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SCAN_TILES: tl.constexpr,
 ):
     block_m = tl.program_id(0)
@@ -207,12 +207,13 @@ def _tapa_bwd_dq_kernel(
         )
         v = load_rows(v_ptr, k_start, offs_n, k_len, stride_vt, stride_vd, dims, HEAD_DIM)
         amp, dist, angle = score_parts(
-            q_amp, q_phase, k_amp, k_phase, q_pos, k_pos, alpha, amp_scale, phase_scale, PHASE_QUADRATIC, DOT_PRECISION
+            q_amp, q_phase, k_amp, k_phase, q_pos, k_pos, alpha, amp_scale, phase_scale, PHASE_QUADRATIC, DOT_PRECISION,
+            FAST_MATH,
         )
         visible = is_visible(q_pos[:, None], k_pos[None, :], q_valid[:, None], (offs_n < k_len)[None, :], CAUSAL)
-        probs, cos = recompute_probs(amp, angle, visible, lse[:, None], FAST_COS)
+        probs, cos = recompute_probs(amp, angle, visible, lse[:, None], FAST_MATH)
         dprobs = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        d_amp, d_phi = score_grads(probs, dprobs, delta[:, None], amp, dist, angle, cos, FAST_COS)
+        d_amp, d_phi = score_grads(probs, dprobs, delta[:, None], amp, dist, angle, cos, FAST_MATH)
         dq_amp = tl.dot(d_amp.to(k_amp.dtype), k_amp, dq_amp, input_precision=DOT_PRECISION)
         dq_phase = accumulate_phase_grad(dq_phase, d_phi, k_phase, PHASE_QUADRATIC, DOT_PRECISION)
 

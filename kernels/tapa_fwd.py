@@ -39,7 +39,7 @@ def _tapa_fwd_kernel(
     alpha, amp_scale, phase_scale, group,
     AMP: tl.constexpr, PHASE: tl.constexpr, AMP_PAD: tl.constexpr, PHASE_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, PHASE_QUADRATIC: tl.constexpr, CAUSAL: tl.constexpr,
-    FAST_COS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    FAST_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SCAN_TILES: tl.constexpr,
 ):
     block_m = tl.program_id(0)
@@ -74,11 +74,12 @@ def _tapa_fwd_kernel(
             k_ptr, k_start, offs_n, k_len, stride_kt, stride_kd, AMP, PHASE, AMP_PAD, PHASE_PAD, PHASE_QUADRATIC
         )
         amp, dist, angle = score_parts(
-            q_amp, q_phase, k_amp, k_phase, q_pos, k_pos, alpha, amp_scale, phase_scale, PHASE_QUADRATIC, DOT_PRECISION
+            q_amp, q_phase, k_amp, k_phase, q_pos, k_pos, alpha, amp_scale, phase_scale, PHASE_QUADRATIC, DOT_PRECISION,
+            FAST_MATH,
         )
         k_valid = offs_n < k_len
         visible = is_visible(q_pos[:, None], k_pos[None, :], q_valid[:, None], k_valid[None, :], CAUSAL)
-        scores = tl.where(visible, amp * cos_radians(angle, FAST_COS) * LOG2E, float("-inf"))
+        scores = tl.where(visible, amp * cos_radians(angle, FAST_MATH) * LOG2E, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(scores, 1))
         # Rows with no visible key yet keep max -inf: subtract 0 instead, so exp2 gives 0, not NaN.
         safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
@@ -111,11 +112,11 @@ def kernel_options(q, k, amp_dim, phase, causal):
         raise ValueError(f"q and k/v dtypes differ ({q.dtype}, {k.dtype}).")
     if q.shape[-2] % k.shape[-2]:
         raise ValueError(f"heads_q={q.shape[-2]} is not a multiple of heads_kv={k.shape[-2]}.")
-    fast_cos = not interpreting(q) and torch.version.hip is None  # PTX: NVIDIA GPUs only
-    return kernel_constexprs(q.dtype, q.shape[-1], amp_dim, phase, causal, fast_cos=fast_cos)
+    fast_math = not interpreting(q) and torch.version.hip is None  # PTX: NVIDIA GPUs only
+    return kernel_constexprs(q.dtype, q.shape[-1], amp_dim, phase, causal, fast_math=fast_math)
 
 
-def kernel_constexprs(dtype, head_dim, amp_dim, phase, causal, *, fast_cos):
+def kernel_constexprs(dtype, head_dim, amp_dim, phase, causal, *, fast_math):
     """The constexpr arguments the kernels share, from the input dtype and sizes alone (so
     scripts/compile_kernels.py can compile the kernels without tensors or a GPU)."""
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -138,7 +139,7 @@ def kernel_constexprs(dtype, head_dim, amp_dim, phase, causal, *, fast_cos):
         HEAD_DIM=head_dim,
         PHASE_QUADRATIC=phase == "quadratic",
         CAUSAL=bool(causal),
-        FAST_COS=fast_cos,
+        FAST_MATH=fast_math,
         # The phase amplifies dot-product error: fp32 inputs need exact fp32 products, not tf32.
         # (The precision setting only affects fp32 operands; for fp16 / bf16 the default is kept.)
         DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",

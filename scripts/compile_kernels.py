@@ -2,7 +2,7 @@
 """Compile the TAPA Triton kernels ahead of time for an NVIDIA GPU, on a machine without one.
 
 Triton's CPU interpreter, which runs the kernel tests, cannot show how the kernels compile for a
-GPU: registers, spills, shared memory, the FAST_COS inline PTX, the software-pipelined loads.
+GPU: registers, spills, shared memory, the FAST_MATH inline PTX, the software-pipelined loads.
 This lowers the forward, delta, dK/dV and dQ kernels down to a cubin with Triton's bundled ptxas,
 with the launchers' own block sizes, num_warps / num_stages and constexprs, and prints per kernel
 what ptxas reports and what the PTX contains. Needs no GPU.
@@ -142,7 +142,7 @@ def launch_choices(kernel, config):
         return fn, constexprs, options
     fn, choice = choices[kernel]
     amp_dim = amplitude_dim(config.head_dim, config.theta)
-    constexprs = kernel_constexprs(dtype, config.head_dim, amp_dim, config.phase, config.causal, fast_cos=True)
+    constexprs = kernel_constexprs(dtype, config.head_dim, amp_dim, config.phase, config.causal, fast_math=True)
     # As in a launch, the keywords that are no kernel parameter (num_warps, num_stages) are compile options.
     constexprs.update((name, value) for name, value in choice.items() if name in fn.arg_names)
     options = {name: value for name, value in choice.items() if name not in fn.arg_names}
