@@ -57,8 +57,16 @@ def accumulate_phase_grad(acc, d_phi, other_phase, PHASE_QUADRATIC: tl.constexpr
     """acc += the tile's gradient wrt the rows' phase part (without the 1/sqrt(P) scale)."""
     if PHASE_QUADRATIC:  # phi = own . other
         acc = tl.dot(d_phi.to(other_phase.dtype), other_phase, acc, input_precision=DOT_PRECISION)
-    else:  # phi = sum(own) + sum(other): a (rows, 1) column, stored into every phase dim
-        acc += tl.sum(d_phi, 1)[:, None]
+    else:  # phi = sum(own) + sum(other): a (rows,) vector, stored into every phase dim
+        acc += tl.sum(d_phi, 1)
+    return acc
+
+
+@triton.jit
+def phase_grad_rows(acc, PHASE_QUADRATIC: tl.constexpr):
+    """The phase gradient as (rows, phase dims) for store_split_rows (linear: one column for all)."""
+    if not PHASE_QUADRATIC:
+        acc = acc[:, None]
     return acc
 
 
@@ -71,7 +79,7 @@ def _tapa_bwd_delta_kernel(
     HEAD_DIM: tl.constexpr, HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    head = tl.program_id(1)
+    head = tl.program_id(1).to(tl.int64)  # int64: head * total_q passes 2^31 (32 heads x 67M tokens)
     dims = tl.arange(0, HEAD_DIM)
     out = load_rows(out_ptr + head * stride_oh, 0, rows, total_q, stride_ot, stride_od, dims, HEAD_DIM)
     do = load_rows(do_ptr + head * stride_doh, 0, rows, total_q, stride_dot, stride_dod, dims, HEAD_DIM)
@@ -99,7 +107,7 @@ def _tapa_bwd_dkdv_kernel(
 ):
     block_n = tl.program_id(0)
     doc = tl.program_id(1)
-    kv_head = tl.program_id(2)
+    kv_head = tl.program_id(2).to(tl.int64)  # int64: head * total_q and head * stride pass 2^31
     k_start = tl.load(cu_seqlens_k + doc)
     k_len = tl.load(cu_seqlens_k + doc + 1) - k_start
     if block_n * BLOCK_N >= k_len:
@@ -151,7 +159,7 @@ def _tapa_bwd_dkdv_kernel(
             dk_phase = accumulate_phase_grad(dk_phase, d_phi, q_phase, PHASE_QUADRATIC, DOT_PRECISION)
 
     store_split_rows(
-        dk_ptr + kv_head * stride_dkh, dk_amp * amp_scale, dk_phase * phase_scale,
+        dk_ptr + kv_head * stride_dkh, dk_amp * amp_scale, phase_grad_rows(dk_phase * phase_scale, PHASE_QUADRATIC),
         k_start, offs_n, k_len, stride_dkt, stride_dkd, AMP, PHASE, AMP_PAD, PHASE_PAD,
     )
     store_rows(dv_ptr + kv_head * stride_dvh, dv, k_start, offs_n, k_len, stride_dvt, stride_dvd, dims, HEAD_DIM)
@@ -174,7 +182,7 @@ def _tapa_bwd_dq_kernel(
 ):
     block_m = tl.program_id(0)
     doc = tl.program_id(1)
-    head = tl.program_id(2)
+    head = tl.program_id(2).to(tl.int64)  # int64: head * total_q and head * stride pass 2^31
     q_start = tl.load(cu_seqlens_q + doc)
     q_len = tl.load(cu_seqlens_q + doc + 1) - q_start
     if block_m * BLOCK_M >= q_len:
@@ -218,7 +226,7 @@ def _tapa_bwd_dq_kernel(
         dq_phase = accumulate_phase_grad(dq_phase, d_phi, k_phase, PHASE_QUADRATIC, DOT_PRECISION)
 
     store_split_rows(
-        dq_ptr + head * stride_dqh, dq_amp * amp_scale, dq_phase * phase_scale,
+        dq_ptr + head * stride_dqh, dq_amp * amp_scale, phase_grad_rows(dq_phase * phase_scale, PHASE_QUADRATIC),
         q_start, offs_m, q_len, stride_dqt, stride_dqd, AMP, PHASE, AMP_PAD, PHASE_PAD,
     )
 

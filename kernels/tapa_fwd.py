@@ -44,7 +44,7 @@ def _tapa_fwd_kernel(
 ):
     block_m = tl.program_id(0)
     doc = tl.program_id(1)
-    head = tl.program_id(2)
+    head = tl.program_id(2).to(tl.int64)  # int64: head * stride passes 2^31 (32 heads x 67M tokens)
     q_start = tl.load(cu_seqlens_q + doc)
     q_len = tl.load(cu_seqlens_q + doc + 1) - q_start
     if block_m * BLOCK_M >= q_len:

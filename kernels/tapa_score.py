@@ -39,11 +39,13 @@ def load_split_rows(
     PHASE_QUADRATIC: tl.constexpr,
 ):
     """Amplitude (first AMP dims) and phase (last PHASE dims) parts of a tile, each padded to a
-    power of two. The linear phase only needs sum(x_P): its phase part is that (rows, 1) column."""
+    power of two. The linear phase only needs sum(x_P): its phase part is that (rows,) vector, which
+    broadcasts into the score tile like the positions do (a (rows, 1) tile and its transpose put the
+    whole phase tile in a blocked layout, converted to the mma one through shared memory)."""
     amp = load_rows(ptr, start, offs, length, stride_t, stride_d, tl.arange(0, AMP_PAD), AMP)
     phase = load_rows(ptr + AMP * stride_d, start, offs, length, stride_t, stride_d, tl.arange(0, PHASE_PAD), PHASE)
     if not PHASE_QUADRATIC:
-        phase = tl.sum(phase.to(tl.float32), 1)[:, None]
+        phase = tl.sum(phase.to(tl.float32), 1)
     return amp, phase
 
 
@@ -140,11 +142,11 @@ def distance_power(row_pos, col_pos, alpha, FAST_MATH: tl.constexpr):
 
 @triton.jit
 def phase_product(row_phase, col_phase, PHASE_QUADRATIC: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """phi * sqrt(P) for a tile (linear phase: the parts are the (n, 1) sums from load_split_rows)."""
+    """phi * sqrt(P) for a tile (linear phase: the parts are the (n,) sums from load_split_rows)."""
     if PHASE_QUADRATIC:
         phi = tl.dot(row_phase, tl.trans(col_phase), input_precision=DOT_PRECISION)
     else:
-        phi = row_phase + tl.trans(col_phase)
+        phi = row_phase[:, None] + col_phase[None, :]
     return phi
 
 
