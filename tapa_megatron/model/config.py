@@ -147,6 +147,9 @@ def transformer_config(model: ModelConfig, *, tensor_parallel=1, pipeline_parall
         rope_scaling=model.rope.scaling,
         rope_scaling_factor=model.rope.factor,
         rope_original_max_position=model.rope.original_max_position,
+        # Megatron scales q and k by YaRN's temperature whenever the config has this field: 1 means none
+        yarn_rotary_scaling_factor=model.rope.factor if model.rope.scaling == "yarn" else 1.0,
+        yarn_original_max_position_embeddings=model.rope.original_max_position,
         **recompute_options,
     )
 

@@ -145,9 +145,6 @@ def check_layout(run_config, world_size):
                          "CUDA RNG state. On CPU leave it null (TAPA's torch path already recomputes attention "
                          "blocks in its backward).")
     if p.context > 1:
-        if run_config.model.position != "tapa":
-            raise ValueError("parallel.context > 1 is built for TAPA; train the RoPE and NoPE baselines with "
-                             "parallel.context=1.")
         if run_config.data.seq_length % (2 * p.context):
             raise ValueError(f"data.seq_length={run_config.data.seq_length} is not a multiple of 2 x parallel.context = "
                              f"{2 * p.context} (the load-balanced layout cuts each sequence into {2 * p.context} chunks).")
