@@ -101,7 +101,7 @@ def _train(cfg, env, say, stop_requested):
             say(line)
         say(f"[extend] starting from {source}")
         checkpoint.load_checkpoint(source, model, engine, with_optimizer=not cfg.checkpoint.reset_optimizer,
-                                   report=say)
+                                   with_schedule=False, report=say)
         if cfg.checkpoint.reset_optimizer:
             say("[extend] weights loaded; optimizer and lr schedule start afresh")
 
