@@ -61,12 +61,14 @@ def lr_scheduler(optimizer, cfg):
 
 
 def param_groups(model, weight_decay):
-    """Megatron's default grouping: no weight decay on biases and 1-D parameters (the norms)."""
+    """Megatron's default grouping: no weight decay on biases and 1-D parameters (the norms). The
+    scheduler sets each group's decay to its wd_mult times the schedule's, as Megatron's groups do."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
             (no_decay if name.endswith(".bias") or param.ndim == 1 else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [{"params": decay, "weight_decay": weight_decay, "wd_mult": 1.0},
+            {"params": no_decay, "weight_decay": 0.0, "wd_mult": 0.0}]
 
 
 class CudaCountersOnCpu(TorchFunctionMode):
