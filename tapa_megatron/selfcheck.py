@@ -157,7 +157,9 @@ def check_engines(device):
 def check_extension(device):
     """Train a source, save, extend from it (weights only); the extension must start where it stopped."""
     from tapa_megatron.train import checkpoint
-    from tapa_megatron.train.engine import build_engine
+    from tapa_megatron.train.engine import MegatronEngine, PortableEngine
+
+    build_engine = MegatronEngine if device.type == "cuda" else PortableEngine  # --cpu on a GPU machine too
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     source_cfg = _run_config("optimizer.lr=1e-2", "optimizer.warmup_steps=0", "training.steps=12")

@@ -201,3 +201,27 @@ def test_norms_and_biases_get_no_weight_decay(megatron_single_rank):
         expected = 0.0 if "layernorm" in name or "final_norm" in name or name.endswith(".bias") else 0.1
         assert decay[id(param)] == expected, name
     assert any(v == 0.0 for v in decay.values()) and any(v == 0.1 for v in decay.values())
+
+
+def test_selective_recompute_leaves_tapa_attention_to_its_kernels(megatron_single_rank):
+    """Bug 8: TAPA's backward recomputes its scores already; Megatron must not rerun its forward as well.
+    What Megatron's layers make of the config is the oracle."""
+    from tapa_megatron.model import build_gpt_model, transformer_config
+
+    for position, recompute_attention in (("tapa", False), ("rope", True)):
+        cfg = _cfg(f"model.position={position}")
+        config = transformer_config(cfg.model, recompute="selective")
+        layer = build_gpt_model(cfg.model, config, vocab_size=VOCAB, max_sequence_length=SEQ).decoder.layers[0]
+        assert layer.self_attention.checkpoint_core_attention is recompute_attention, position
+        assert layer.recompute_mlp is (not recompute_attention), position
+
+
+def test_tied_embeddings_with_pipeline_refused_on_cpu():
+    """Bug 7: megatron-core moves the tied embedding to CUDA at build with PP > 1; refused before anything
+    starts on CPU, with the fix named. (On GPU finalize_model_grads all-reduces the tied gradient, and
+    the portable engine now runs finalize_model_grads too.)"""
+    from tapa_megatron.train.distributed import check_layout
+
+    with pytest.raises(ValueError, match="tie_embeddings.*pipeline > 1 needs CUDA.*tie_embeddings=false"):
+        check_layout(_cfg("model.tie_embeddings=true", "parallel.pipeline=2", "training.global_batch_size=4"), 2)
+    assert check_layout(_cfg("model.tie_embeddings=true"), 2) == 2
