@@ -106,7 +106,11 @@ def transformer_config(model: ModelConfig, *, tensor_parallel=1, pipeline_parall
     if recompute == "full":
         recompute_options = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     elif recompute == "selective":
-        recompute_options = dict(recompute_granularity="selective", recompute_modules=["core_attn"])
+        # TAPA's kernels keep only out and lse and recompute the scores in their backward already, so
+        # recomputing core_attn would rerun TAPA's forward (and the context-parallel ring) for nothing;
+        # the MLP's activations are what is left to drop. RoPE / NoPE's local attention keeps its scores.
+        modules = ["mlp"] if model.position == "tapa" else ["core_attn"]
+        recompute_options = dict(recompute_granularity="selective", recompute_modules=modules)
     elif recompute is not None:
         raise ValueError(f"recompute={recompute!r} is unknown; use null, 'full' or 'selective'.")
     return TapaTransformerConfig(

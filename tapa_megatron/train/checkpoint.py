@@ -416,8 +416,13 @@ def load_common(path):
     return dist_checkpointing.load_common_state_dict(str(path))
 
 
-def load_checkpoint(path, model, engine, with_optimizer=True, report=print):
+def load_checkpoint(path, model, engine, with_optimizer=True, with_schedule=True, report=print):
     """Load model (and optimizer, scheduler, RNG) state. Returns the train_state dict.
+
+    with_optimizer=False (an extension): weights only, and the optimizer refreshes its own copies of
+    them (Megatron's mixed-precision optimizers keep fp32 main params made at construction).
+    with_schedule=False: the optimizer state but not the lr schedule's position (an extension that
+    keeps the moments but starts the recipe's schedule at step 0).
 
     Model and optimizer state reshard to this rank's layout; RNG states are per rank and are restored
     only when the layout is the one they were saved at."""
@@ -436,6 +441,9 @@ def load_checkpoint(path, model, engine, with_optimizer=True, report=print):
                          f"unexpected {result.unexpected_keys[:5]}")
     if with_optimizer:
         engine.load_optimizer_state_dict(loaded["optimizer"])
+    else:
+        engine.reload_model_params()
+    if with_optimizer and with_schedule:
         engine.scheduler.load_state_dict(loaded["scheduler"])
     if with_rng:
         rng = loaded["rng_state"]
