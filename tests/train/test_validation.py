@@ -58,8 +58,16 @@ def _independent_validation_loss(rank, world_size, cfg, checkpoint_path):
         parallel_state.destroy_model_parallel()
 
 
+def _scalars(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
 def test_validation_loss_matches_an_independent_computation(novels_data, tmp_path):
-    cfg = run_config(tmp_path, novels_data, *EVAL)
+    cfg = run_config(tmp_path, novels_data, *EVAL, "training.tensorboard=true")
     validation, final, lines, _ = run_ranks(1, _train, cfg)[0]
     assert [step for step, _ in validation] == [2, 4]
     expected = run_ranks(1, _independent_validation_loss, cfg, final)[0]
@@ -71,6 +79,13 @@ def test_validation_loss_matches_an_independent_computation(novels_data, tmp_pat
     best = min(loss for _, loss in validation)
     assert any(f"best {best:.4f} at step 4" in line for line in lines), lines
     assert any(line.startswith("[summary]") and "newest checkpoint" in line and final in line for line in lines)
+
+    scalars = _scalars(tmp_path)  # Megatron-LM's names
+    assert [step for step, _ in scalars["lm loss validation"]] == [2, 4]
+    assert [v for _, v in scalars["lm loss validation"]] == pytest.approx([v for _, v in validation], rel=1e-6)
+    assert [step for step, _ in scalars["lm loss"]] == [1, 2, 3, 4]
+    assert scalars["consumed-tokens"][-1] == (4, 4 * cfg.training.global_batch_size * SEQ)
+    assert {"learning-rate", "grad-norm", "iteration-time", "throughput"} <= scalars.keys()
 
     _, _, rerun_lines, steps_run = run_ranks(1, _train, cfg)[0]
     assert steps_run == 0
@@ -91,3 +106,15 @@ def test_eval_every_without_a_validation_split_is_refused(novels_data, tmp_path)
     cfg = run_config(tmp_path, novels_data, *EVAL, "data.split=1,0,0")
     with pytest.raises(AssertionError, match="needs a validation share in data.split"):
         run_ranks(1, _train, cfg)
+
+
+def test_weights_and_biases_offline(novels_data, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = run_config(tmp_path, novels_data, *EVAL, "training.steps=2", "logging.wandb=true")
+    validation = run_ranks(1, _train, cfg)[0][0]
+    record = next((tmp_path / "wandb").glob("offline-run-*/run-*.wandb")).read_bytes()  # wandb's offline log
+    # Its history rows are protobufs holding each key and its value as JSON text.
+    assert b"lm loss validation" in record and b"iteration-time" in record
+    assert json.dumps(validation[-1][1]).encode() in record
