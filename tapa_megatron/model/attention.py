@@ -9,6 +9,7 @@ Megatron hands core attention q [sq, b, heads, D] and k, v [sk, b, groups, D] (o
 for packed 'thd' batches) and expects [sq, b, heads * D] back.
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,7 @@ class TapaTransformerConfig(TransformerConfig):
     tapa_alpha: float = 0.1
     tapa_theta: float = 0.5
     tapa_phase: str = "quadratic"
+    tapa_phase_scale: float = 2 * math.pi  # the angle's factor; the ops compute 2 pi, scale_phase rescales
     tapa_backend: str = "auto"
     rope_base: float = 500000.0
     rope_scaling: str = "none"  # "none", "pi", "yarn"
@@ -71,6 +73,18 @@ def _packed_layout(packed_seq_params):
     return cu_q, cu_k, int(p.max_seqlen_q), int(p.max_seqlen_kv)
 
 
+def scale_phase(query, key, phase_scale, amp_dim, phase):
+    """q, k (..., D) with the phase parts rescaled so that ops computing cos(2 pi |m-n|^alpha phi) compute
+    cos(phase_scale |m-n|^alpha phi): phi is bilinear in (q_P, k_P) for the quadratic phase, so q_P alone is
+    scaled; the linear phase sums q_P and k_P, so both are. The kernels stay as the paper writes them."""
+    factor = phase_scale / (2 * math.pi)
+    if factor == 1.0:
+        return query, key
+    def scaled(x):
+        return torch.cat([x[..., :amp_dim], x[..., amp_dim:] * factor], dim=-1)
+    return scaled(query), (scaled(key) if phase == "linear" else key)
+
+
 class TapaCoreAttention(MegatronModule):
     """TAPA attention as a Megatron core-attention module: no parameters, causal by positions.
 
@@ -85,6 +99,8 @@ class TapaCoreAttention(MegatronModule):
             raise ValueError("attention_dropout > 0 is not supported by TAPA core attention; set it to 0.")
         self.options = dict(alpha=config.tapa_alpha, theta=config.tapa_theta, phase=config.tapa_phase,
                             backend=config.tapa_backend)
+        self.phase_scale = config.tapa_phase_scale
+        self.amp_dim = amplitude_dim(config.kv_channels, config.tapa_theta)
         self.cp_group = None
         if config.context_parallel_size > 1:
             self.cp_comm_type = cp_comm_type or "p2p"
@@ -97,6 +113,7 @@ class TapaCoreAttention(MegatronModule):
         _refuse_mask(attention_mask)
         if attention_bias is not None:
             raise ValueError("attention_bias is not supported by TAPA core attention.")
+        query, key = scale_phase(query, key, self.phase_scale, self.amp_dim, self.options["phase"])
         if self.cp_group is not None:
             return self._context_parallel(query, key, value, packed_seq_params)
         if packed_seq_params is not None:
@@ -109,9 +126,9 @@ class TapaCoreAttention(MegatronModule):
 
     def pair_scores(self, q, k, q_pos, k_pos):
         """Pre-softmax TAPA scores of N (query, key) pairs: q, k (N, D) head vectors, positions (N,)."""
-        amp_dim = amplitude_dim(q.shape[-1], self.options["theta"])
-        scores = tapa_scores(q[:, None, None].double(), k[:, None, None].double(), q_pos[:, None], k_pos[:, None],
-                             alpha=self.options["alpha"], amp_dim=amp_dim, phase=self.options["phase"])
+        q, k = scale_phase(q.double(), k.double(), self.phase_scale, self.amp_dim, self.options["phase"])
+        scores = tapa_scores(q[:, None, None], k[:, None, None], q_pos[:, None], k_pos[:, None],
+                             alpha=self.options["alpha"], amp_dim=self.amp_dim, phase=self.options["phase"])
         return scores.reshape(-1)
 
     def _context_parallel(self, query, key, value, packed_seq_params):
