@@ -47,6 +47,16 @@ def _precision(cfg):
     return torch.bfloat16 if bf16 else torch.float32
 
 
+def run_transformer_config(cfg, dtype):
+    """Megatron's TransformerConfig for this run's model and layout. Sequence parallelism splits the
+    tensor-parallel region, so it is on only where TP > 1 (TransformerConfig refuses it at TP = 1)."""
+    p = cfg.parallel
+    return transformer_config(cfg.model, tensor_parallel=p.tensor, pipeline_parallel=p.pipeline,
+                              context_parallel=p.context, cp_comm_type=p.context_comm,
+                              sequence_parallel=p.sequence_parallel and p.tensor > 1, params_dtype=dtype,
+                              bf16=dtype == torch.bfloat16, recompute=cfg.training.recompute)
+
+
 def train(cfg, report=print, stop_requested=None):
     """Train cfg. stop_requested: polled once per step (e.g. set by a preemption signal); when it is true
     on any rank, every rank stops after the same step, checkpoints, and the result says preempted."""
@@ -76,11 +86,7 @@ def _train(cfg, env, say, stop_requested):
     tokenizer = load_tokenizer(Path(cfg.data.path) / "tokenizer.json")
     vocab_size = padded_vocab_size(cfg.model.vocab_size or tokenizer.vocab_size, cfg.parallel.tensor)
     dtype = _precision(cfg)
-    config = transformer_config(cfg.model, tensor_parallel=cfg.parallel.tensor,
-                                pipeline_parallel=cfg.parallel.pipeline, context_parallel=cfg.parallel.context,
-                                cp_comm_type=cfg.parallel.context_comm,
-                                sequence_parallel=cfg.parallel.sequence_parallel, params_dtype=dtype,
-                                bf16=dtype == torch.bfloat16, recompute=cfg.training.recompute)
+    config = run_transformer_config(cfg, dtype)
     torch.manual_seed(cfg.training.seed)
     model = build_gpt_model(cfg.model, config, vocab_size=vocab_size, max_sequence_length=cfg.data.seq_length,
                             pre_process=parallel_state.is_pipeline_first_stage(),
@@ -104,7 +110,7 @@ def _train(cfg, env, say, stop_requested):
             say(line)
         say(f"[extend] starting from {source}")
         checkpoint.load_checkpoint(source, model, engine, with_optimizer=not cfg.checkpoint.reset_optimizer,
-                                   report=say)
+                                   with_schedule=False, report=say)
         if cfg.checkpoint.reset_optimizer:
             say("[extend] weights loaded; optimizer and lr schedule start afresh")
 
