@@ -8,20 +8,23 @@ data-parallel ranks exactly as a training step is, so the numbers of two evaluat
 layouts) compare the same tokens.
 """
 
+from contextlib import nullcontext
+
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from tapa_megatron.train import pipeline
+from tapa_megatron.train import step
 from tapa_megatron.train.batches import micro_batches
-from tapa_megatron.train.engine import MegatronEngine, _global_mean_loss
+from tapa_megatron.train.engine import CudaCountersOnCpu, MegatronEngine
 
 
-def _portable_forward(model, batches, activation_shape, dtype):
-    """The CPU pipeline's forwards alone (pipeline.py without the backwards): the mean loss of this
-    rank's micro-batches on the last stage, None elsewhere."""
+def _gpipe_forward(model, batches, activation_shape, dtype):
+    """CPU with pipeline stages: pipeline.py's forwards alone, over gloo send/recv. The last stage's
+    per-micro-batch logs, as Megatron's schedule returns them (nothing elsewhere)."""
     first, last = parallel_state.is_pipeline_first_stage(), parallel_state.is_pipeline_last_stage()
-    losses = []
+    logs = []
     for batch in batches:
         input_tensor = None
         if not first:
@@ -30,36 +33,35 @@ def _portable_forward(model, batches, activation_shape, dtype):
         model.set_input_tensor(input_tensor)
         output = model(batch["tokens"], None, None, labels=batch["labels"] if last else None)
         if last:
-            losses.append(pipeline.token_loss(output, batch["loss_mask"]))
+            logs.append(step.loss_func(batch["loss_mask"], output)[2])
         else:
             dist.send(output.contiguous(), dst=parallel_state.get_pipeline_model_parallel_next_rank())
-    return torch.stack(losses).mean() if last else None
+    return logs
 
 
-def _megatron_forward(engine, batches):
-    """GPU: Megatron-Core's schedule with forward_only=True, the training step's forward function."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    outputs = get_forward_backward_func()(
-        forward_step_func=engine._forward_step, data_iterator=iter(batches), model=[engine.model],
-        num_microbatches=len(batches), seq_length=engine.seq_length, micro_batch_size=engine.micro_batch_size,
-        forward_only=True)
-    return torch.stack([x["lm loss"] for x in outputs]).mean() if outputs else None
+def _schedule_forward(engine, batches):
+    """Megatron-Core's schedule with forward_only=True and the training step's forward function."""
+    on_gpu = isinstance(engine, MegatronEngine)
+    with nullcontext() if on_gpu else CudaCountersOnCpu():
+        return get_forward_backward_func()(
+            forward_step_func=step.forward_step, data_iterator=iter(batches), model=[engine.model],
+            num_microbatches=len(batches), seq_length=engine.cfg.data.seq_length,
+            micro_batch_size=engine.cfg.training.micro_batch_size, forward_only=True)
 
 
 def validation_loss(engine, model, valid_ds, cfg, env, activation_shape, dtype):
     """Mean token loss over training.eval_iters held-out global batches (the same on every rank)."""
     t = cfg.training
+    gpipe = not isinstance(engine, MegatronEngine) and parallel_state.get_pipeline_model_parallel_world_size() > 1
     model.eval()
-    stage_losses = []
+    logs = []
     with torch.no_grad():
         for batch_index in range(t.eval_iters):
             batches = micro_batches(valid_ds, batch_index, t, env.data_parallel_size, env.data_parallel_rank,
                                     env.device, context_parallel=cfg.parallel.context)
-            if isinstance(engine, MegatronEngine):
-                stage_losses.append(_megatron_forward(engine, batches))
+            if gpipe:
+                logs += _gpipe_forward(model, batches, activation_shape, dtype)
             else:
-                stage_losses.append(_portable_forward(model, batches, activation_shape, dtype))
+                logs += _schedule_forward(engine, batches)
     model.train()
-    last_stage = stage_losses[0] is not None
-    return _global_mean_loss(torch.stack(stage_losses).mean() if last_stage else None)
+    return step.global_mean_loss(logs, device=env.device)
