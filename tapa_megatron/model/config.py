@@ -113,7 +113,11 @@ def transformer_config(model: ModelConfig, *, tensor_parallel=1, pipeline_parall
     if recompute == "full":
         recompute_options = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     elif recompute == "selective":
-        recompute_options = dict(recompute_granularity="selective", recompute_modules=["core_attn"])
+        # TAPA's kernels keep only out and lse and recompute the scores in their backward already, so
+        # recomputing core_attn would rerun TAPA's forward (and the context-parallel ring) for nothing;
+        # the MLP's activations are what is left to drop. RoPE / NoPE's local attention keeps its scores.
+        modules = ["mlp"] if model.position == "tapa" else ["core_attn"]
+        recompute_options = dict(recompute_granularity="selective", recompute_modules=modules)
     elif recompute is not None:
         raise ValueError(f"recompute={recompute!r} is unknown; use null, 'full' or 'selective'.")
     return TapaTransformerConfig(
@@ -155,6 +159,9 @@ def transformer_config(model: ModelConfig, *, tensor_parallel=1, pipeline_parall
         rope_scaling=model.rope.scaling,
         rope_scaling_factor=model.rope.factor,
         rope_original_max_position=model.rope.original_max_position,
+        # Megatron scales q and k by YaRN's temperature whenever the config has this field: 1 means none
+        yarn_rotary_scaling_factor=model.rope.factor if model.rope.scaling == "yarn" else 1.0,
+        yarn_original_max_position_embeddings=model.rope.original_max_position,
         **recompute_options,
     )
 

@@ -198,3 +198,37 @@ def test_presets_have_llama3_shapes():
     assert ModelConfig(preset="8b").num_parameters(128256) == pytest.approx(8.03e9, rel=0.01)
     assert ModelConfig(preset="70b").num_parameters(128256) == pytest.approx(70.6e9, rel=0.01)
     assert ModelConfig(preset="8b").head_dim == 128
+
+
+@pytest.mark.parametrize("rope", [
+    dict(), dict(base=2e8), dict(scaling="pi", factor=4.0), dict(scaling="yarn", factor=4.0, original_max_position=16),
+    None,  # NoPE
+])
+def test_megatron_rotary_stack_equals_ours(megatron_single_rank, rope, monkeypatch):
+    """The GPU baselines' stack: GPTModel's own RotaryEmbedding / YarnRotaryEmbedding, built from our config,
+    and the spec's own core attention (Transformer Engine's on GPU). Its rotation of q and k, by
+    Megatron's code (the embedding, apply_rotary_pos_emb and the YaRN temperature its Attention applies),
+    equals our core attention's, in float64: plain RoPE, base 2e8, PI, YaRN; NoPE rotates nothing."""
+    from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
+        _yarn_get_concentration_factor_from_config,
+    )
+
+    from tapa_megatron.model import RopeSettings
+
+    # Megatron's rotary embeddings move their frequencies to "the current CUDA device" on first use:
+    # on this CPU machine that device is the CPU.
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: "cpu")
+    model_cfg = tiny(position="none") if rope is None else tiny(position="rope", rope=RopeSettings(**rope))
+    config = transformer_config(model_cfg)
+    megatron = build_gpt_model(model_cfg, config, vocab_size=97, max_sequence_length=64, megatron_positions=True)
+    assert not isinstance(megatron.decoder.layers[0].self_attention.core_attention, SoftmaxCoreAttention)
+    ours = core_attention(SoftmaxCoreAttention, model_cfg)
+    x = torch.randn(48, 2, 4, 32, dtype=torch.float64)  # [s, b, h, D]
+    expected = ours._rotate(x.transpose(0, 1), torch.arange(48).expand(2, -1)).transpose(0, 1)
+    if rope is None:
+        assert not hasattr(megatron, "rotary_pos_emb") and torch.equal(expected, x)
+        return
+    emb = megatron.rotary_pos_emb(48)
+    emb = emb[0] if isinstance(emb, tuple) else emb  # YaRN's returns (emb, its temperature); Attention uses the config's
+    actual = apply_rotary_pos_emb(x, emb.double(), config=config, mscale=_yarn_get_concentration_factor_from_config(config))
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)  # both take fp32 angles
