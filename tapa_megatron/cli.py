@@ -147,6 +147,12 @@ def cmd_eval(args):
              max_tokens=args.max_tokens, passkey_trials=args.passkey_trials, bias_pairs=args.bias_pairs)
 
 
+def cmd_study(args):
+    from tapa_megatron.study import run_study
+
+    run_study(args.out, quick=args.quick, only=args.only)
+
+
 def cmd_demo(args):
     from tapa_megatron.demo import run_demo
 
@@ -256,6 +262,15 @@ def build_parser():
     demo.add_argument("--out", default="demo-out", help="output directory (reused: the corpus is prepared once)")
     demo.add_argument("--quick", action="store_true", help="a few steps only: checks the pipeline end to end")
     demo.set_defaults(handler=cmd_demo)
+
+    study = commands.add_parser("study", help="why TAPA learns slowly at demo scale: pretraining sweeps (docs/study.md)",
+                                description="Pretrains the demo model once per variant (learning rate, warm-up, "
+                                            "phase scale, alpha, theta; TAPA, RoPE and NoPE) and writes "
+                                            "OUT/results.json (resumable) and plots.")
+    study.add_argument("--out", default="study-out", help="output directory (reused: finished variants are kept)")
+    study.add_argument("--quick", action="store_true", help="a few steps per variant: checks the pipeline")
+    study.add_argument("--only", nargs="+", help="variant names to run (default: all)")
+    study.set_defaults(handler=cmd_study)
 
     bench = commands.add_parser("bench", help="benchmarks that print tables (and plots)")
     benchmarks = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")

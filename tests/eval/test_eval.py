@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from tapa_megatron.demo import results_table
 from tapa_megatron.eval import distance_bias, passkey, perplexity
 from tapa_megatron.eval.model import EvalModel
 from tapa_megatron.model import ModelConfig, build_gpt_model, transformer_config
@@ -117,13 +118,30 @@ def test_demo_quick_writes_results(tmp_path):
     run = subprocess.run([sys.executable, "-m", "tapa_megatron.cli", "demo", "--quick", "--out", str(tmp_path / "demo")],
                          capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "| tapa |" in run.stdout and "| rope |" in run.stdout
+    assert "| TAPA |" in run.stdout and "| RoPE |" in run.stdout and "| NoPE |" in run.stdout
     results = json.loads((tmp_path / "demo" / "results.json").read_text())
     length = results["train_length"]
     assert results["extend_length"] == 4 * length
     assert results["lengths"] == [length * m for m in (1, 2, 4, 8, 16)]
-    for name in ("tapa", "rope"):
-        ppl = results["models"][name]["ppl"]
-        assert len(ppl) == 5 and all(math.isfinite(p) and 1 < p < 1000 for p in ppl)
-    for png in ("perplexity.png", "passkey.png", "distance_bias.png"):
+    for name in ("tapa", "rope", "none"):
+        entry = results["models"][name]
+        for ppl in (entry["ppl"], entry["ppl_zero_shot"]):
+            assert len(ppl) == 5 and all(math.isfinite(p) and 1 < p < 1000 for p in ppl)
+        assert len(entry["passkey"]) == 5 and all(0 <= a <= 1 for a in entry["passkey"])
+    for png in ("perplexity.png", "passkey.png", "distance_bias.png", "zero-shot/perplexity.png"):
         assert (tmp_path / "demo" / "eval" / png).stat().st_size > 10_000
+    assert results_table(results) in run.stdout  # the README's table is this function of results.json
+
+
+def test_results_table_renders_a_hand_made_results_file():
+    results = {"train_length": 64, "extend_length": 256, "lengths": [64, 128, 256, 512, 1024],
+               "models": {"tapa": {"ppl": [10, 10, 10, 11, 11], "ppl_zero_shot": [10, 12, 14, 16, 20],
+                                   "passkey": [1, 1, 0.5, 0.25, 0]},
+                          "none": {"ppl": [20, 20, 20, 40, 80], "ppl_zero_shot": [20, 30, 40, 50, 60],
+                                   "passkey": [0, 0, 0, 0, 0]}}}
+    table = results_table(results).splitlines()
+    assert table[2] == "| model | 1L = 64 | 2L | 4L | 8L | 16L | 16L / 4L | 16L / L |"
+    assert table[4] == "| TAPA | 10.00 | 10.00 | 10.00 | 11.00 | 11.00 | 1.10 | 1.10 |"
+    assert table[5] == "| NoPE | 20.00 | 20.00 | 20.00 | 40.00 | 80.00 | 4.00 | 4.00 |"
+    assert table[11] == "| TAPA | 10.00 | 12.00 | 14.00 | 16.00 | 20.00 | 1.43 | 2.00 |"
+    assert table[-2:] == ["| TAPA | 1.00 | 1.00 | 0.50 | 0.25 | 0.00 |", "| NoPE | 0.00 | 0.00 | 0.00 | 0.00 | 0.00 |"]
