@@ -4,7 +4,7 @@ What a RoPE user runs, written the way the TAPA kernels are (one key loop per qu
 loop per key tile, online softmax in base 2, the mask on every tile), so that
 scripts/compile_kernels.py can compile both with the same Triton, target, tile shape, warps and
 stages and compare instructions per score. Not used for training: one sequence per (batch, head)
-row, contiguous positions, no GQA. `flash_fwd` / `flash_bwd` exist to check it against torch.
+row, contiguous positions, no GQA. `flash_fwd` / `flash_bwd` launch it for tests/ops/test_flash_reference.py.
 """
 
 import math

@@ -20,11 +20,46 @@ from tapa_kernels.tapa_score import (
     load_split_rows,
     score_parts,
     store_rows,
+    unmasked_tile_end,
     visible_tile_range,
 )
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def attend_key_tile(
+    row_max, row_sum, acc, q_amp, q_phase, q_pos, q_valid, k_ptr, v_ptr, k_pos_ptr, k_start, k_len, start_n,
+    stride_kt, stride_kd, stride_vt, stride_vd, alpha, amp_scale, phase_scale,
+    AMP: tl.constexpr, PHASE: tl.constexpr, AMP_PAD: tl.constexpr, PHASE_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, PHASE_QUADRATIC: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+    FAST_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One key tile of the online softmax. MASKED=False: every key of the tile is visible to every
+    query (unmasked_tile_end), so no causal compare and no -inf per score."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    k_pos = load_positions(k_pos_ptr, k_start, offs_n, k_len)
+    k_amp, k_phase = load_split_rows(
+        k_ptr, k_start, offs_n, k_len, stride_kt, stride_kd, AMP, PHASE, AMP_PAD, PHASE_PAD, PHASE_QUADRATIC
+    )
+    amp, dist, angle = score_parts(
+        q_amp, q_phase, k_amp, k_phase, q_pos, k_pos, alpha, amp_scale, phase_scale, PHASE_QUADRATIC, DOT_PRECISION,
+        FAST_MATH,
+    )
+    scores = amp * cos_radians(angle, FAST_MATH) * LOG2E
+    if MASKED:
+        visible = is_visible(q_pos[:, None], k_pos[None, :], q_valid[:, None], (offs_n < k_len)[None, :], CAUSAL)
+        scores = tl.where(visible, scores, float("-inf"))
+    new_max = tl.maximum(row_max, tl.max(scores, 1))
+    # Rows with no visible key yet keep max -inf: subtract 0 instead, so exp2 gives 0, not NaN.
+    safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+    probs = tl.exp2(scores - safe_max[:, None])
+    rescale = tl.exp2(row_max - safe_max)
+    row_sum = row_sum * rescale + tl.sum(probs, 1)
+    v = load_rows(v_ptr, k_start, offs_n, k_len, stride_vt, stride_vd, tl.arange(0, HEAD_DIM), HEAD_DIM)
+    acc = tl.dot(probs.to(v.dtype), v, acc * rescale[:, None], input_precision=DOT_PRECISION)
+    return new_max, row_sum, acc
 
 
 @triton.jit
@@ -67,28 +102,20 @@ def _tapa_fwd_kernel(
     row_sum = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
     lo, hi = visible_tile_range(k_pos_ptr, k_start, k_len, tl.max(q_pos, 0), BLOCK_N, SCAN_TILES, True, CAUSAL)
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k_pos = load_positions(k_pos_ptr, k_start, offs_n, k_len)
-        k_amp, k_phase = load_split_rows(
-            k_ptr, k_start, offs_n, k_len, stride_kt, stride_kd, AMP, PHASE, AMP_PAD, PHASE_PAD, PHASE_QUADRATIC
+    # Key tiles every query sees first, with no mask; then the diagonal / partial ones, masked.
+    mid = unmasked_tile_end(k_pos_ptr, k_start, k_len, lo, hi, tl.min(q_pos, 0), BLOCK_N, SCAN_TILES, CAUSAL)
+    for start_n in range(lo, mid, BLOCK_N):
+        row_max, row_sum, acc = attend_key_tile(
+            row_max, row_sum, acc, q_amp, q_phase, q_pos, q_valid, k_ptr, v_ptr, k_pos_ptr, k_start, k_len, start_n,
+            stride_kt, stride_kd, stride_vt, stride_vd, alpha, amp_scale, phase_scale,
+            AMP, PHASE, AMP_PAD, PHASE_PAD, HEAD_DIM, PHASE_QUADRATIC, False, CAUSAL, FAST_MATH, DOT_PRECISION, BLOCK_N,
         )
-        amp, dist, angle = score_parts(
-            q_amp, q_phase, k_amp, k_phase, q_pos, k_pos, alpha, amp_scale, phase_scale, PHASE_QUADRATIC, DOT_PRECISION,
-            FAST_MATH,
+    for start_n in range(mid, hi, BLOCK_N):
+        row_max, row_sum, acc = attend_key_tile(
+            row_max, row_sum, acc, q_amp, q_phase, q_pos, q_valid, k_ptr, v_ptr, k_pos_ptr, k_start, k_len, start_n,
+            stride_kt, stride_kd, stride_vt, stride_vd, alpha, amp_scale, phase_scale,
+            AMP, PHASE, AMP_PAD, PHASE_PAD, HEAD_DIM, PHASE_QUADRATIC, True, CAUSAL, FAST_MATH, DOT_PRECISION, BLOCK_N,
         )
-        k_valid = offs_n < k_len
-        visible = is_visible(q_pos[:, None], k_pos[None, :], q_valid[:, None], k_valid[None, :], CAUSAL)
-        scores = tl.where(visible, amp * cos_radians(angle, FAST_MATH) * LOG2E, float("-inf"))
-        new_max = tl.maximum(row_max, tl.max(scores, 1))
-        # Rows with no visible key yet keep max -inf: subtract 0 instead, so exp2 gives 0, not NaN.
-        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
-        probs = tl.exp2(scores - safe_max[:, None])
-        rescale = tl.exp2(row_max - safe_max)
-        row_sum = row_sum * rescale + tl.sum(probs, 1)
-        v = load_rows(v_ptr, k_start, offs_n, k_len, stride_vt, stride_vd, dims, HEAD_DIM)
-        acc = tl.dot(probs.to(v.dtype), v, acc * rescale[:, None], input_precision=DOT_PRECISION)
-        row_max = new_max
 
     has_key = row_sum > 0
     out = acc / tl.where(has_key, row_sum, 1.0)[:, None]

@@ -102,6 +102,28 @@ def visible_tile_range(
 
 
 @triton.jit
+def unmasked_tile_end(
+    pos_ptr, start, length, lo, hi, bound,
+    TILE: tl.constexpr, SCAN_TILES: tl.constexpr, CAUSAL: tl.constexpr,
+):
+    """End of the run of key tiles from lo that every query of a tile sees: whole tiles (no key
+    past the document) whose largest key position is <= the tiles' smallest query position
+    (`bound`). Those take no mask at all; the tiles from there to hi (the diagonal, the document's
+    last tile, and with unsorted positions anything after the first partly hidden one) are masked."""
+    end = hi
+    if CAUSAL:
+        offs = tl.arange(0, SCAN_TILES * TILE)
+        for first in range(lo, hi, SCAN_TILES * TILE):
+            pos = load_positions(pos_ptr, start, first + offs, length)
+            tiles = first + tl.arange(0, SCAN_TILES) * TILE
+            whole = (tiles + TILE <= length) & (tl.max(tl.reshape(pos, (SCAN_TILES, TILE)), 1) <= bound)
+            end = tl.minimum(end, tl.min(tl.where(~whole & (tiles < hi), tiles, hi), 0))
+    else:
+        end = tl.minimum(hi, (length // TILE) * TILE)
+    return end
+
+
+@triton.jit
 def is_visible(q_pos, k_pos, q_valid, k_valid, CAUSAL: tl.constexpr):
     """Visibility of each (query, key) pair; the arguments come pre-broadcast to the tile's layout."""
     visible = q_valid & k_valid
