@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tapa_kernels.tapa_fwd import LOG2E, interpreting, kernel_options, kernel_scalars
+from tapa_kernels.tapa_fwd import LOG2E, interpreting, kernel_options, kernel_scalars, mma_warps
 from tapa_kernels.tapa_score import (
     TWO_PI,
     cos_radians,
@@ -36,19 +36,19 @@ DELTA_BLOCK = 64  # query rows per program of the delta kernel
 
 
 @triton.jit
-def recompute_probs(amp, angle, visible, lse, FAST_COS: tl.constexpr):
+def recompute_probs(amp, angle, visible, lse, FAST_MATH: tl.constexpr):
     """Softmax probabilities of a tile from the saved lse (pre-broadcast); also returns cos(angle)."""
-    cos = cos_radians(angle, FAST_COS)
+    cos = cos_radians(angle, FAST_MATH)
     probs = tl.where(visible, tl.exp2((amp * cos - lse) * LOG2E), 0.0)
     return probs, cos
 
 
 @triton.jit
-def score_grads(probs, dprobs, delta, amp, dist, angle, cos, FAST_COS: tl.constexpr):
+def score_grads(probs, dprobs, delta, amp, dist, angle, cos, FAST_MATH: tl.constexpr):
     """Gradients wrt the amplitude and the phase phi of a tile, from dP = dO.V^T (delta pre-broadcast)."""
     dscores = probs * (dprobs - delta)
     d_amp = dscores * cos
-    d_phi = dscores * amp * dist * sin_radians(angle, FAST_COS) * -TWO_PI
+    d_phi = dscores * amp * dist * sin_radians(angle, FAST_MATH) * -TWO_PI
     return d_amp, d_phi
 
 
@@ -57,8 +57,16 @@ def accumulate_phase_grad(acc, d_phi, other_phase, PHASE_QUADRATIC: tl.constexpr
     """acc += the tile's gradient wrt the rows' phase part (without the 1/sqrt(P) scale)."""
     if PHASE_QUADRATIC:  # phi = own . other
         acc = tl.dot(d_phi.to(other_phase.dtype), other_phase, acc, input_precision=DOT_PRECISION)
-    else:  # phi = sum(own) + sum(other): a (rows, 1) column, stored into every phase dim
-        acc += tl.sum(d_phi, 1)[:, None]
+    else:  # phi = sum(own) + sum(other): a (rows,) vector, stored into every phase dim
+        acc += tl.sum(d_phi, 1)
+    return acc
+
+
+@triton.jit
+def phase_grad_rows(acc, PHASE_QUADRATIC: tl.constexpr):
+    """The phase gradient as (rows, phase dims) for store_split_rows (linear: one column for all)."""
+    if not PHASE_QUADRATIC:
+        acc = acc[:, None]
     return acc
 
 
@@ -71,7 +79,7 @@ def _tapa_bwd_delta_kernel(
     HEAD_DIM: tl.constexpr, HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    head = tl.program_id(1)
+    head = tl.program_id(1).to(tl.int64)  # int64: head * total_q passes 2^31 (32 heads x 67M tokens)
     dims = tl.arange(0, HEAD_DIM)
     out = load_rows(out_ptr + head * stride_oh, 0, rows, total_q, stride_ot, stride_od, dims, HEAD_DIM)
     do = load_rows(do_ptr + head * stride_doh, 0, rows, total_q, stride_dot, stride_dod, dims, HEAD_DIM)
@@ -94,12 +102,12 @@ def _tapa_bwd_dkdv_kernel(
     total_q, alpha, amp_scale, phase_scale, group,
     AMP: tl.constexpr, PHASE: tl.constexpr, AMP_PAD: tl.constexpr, PHASE_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, PHASE_QUADRATIC: tl.constexpr, CAUSAL: tl.constexpr,
-    FAST_COS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    FAST_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SCAN_TILES: tl.constexpr,
 ):
     block_n = tl.program_id(0)
     doc = tl.program_id(1)
-    kv_head = tl.program_id(2)
+    kv_head = tl.program_id(2).to(tl.int64)  # int64: head * total_q and head * stride pass 2^31
     k_start = tl.load(cu_seqlens_k + doc)
     k_len = tl.load(cu_seqlens_k + doc + 1) - k_start
     if block_n * BLOCK_N >= k_len:
@@ -140,18 +148,18 @@ def _tapa_bwd_dkdv_kernel(
             delta = tl.load(delta_head_ptr + offs_m, mask=q_valid, other=0.0)
             amp, dist, angle = score_parts(
                 k_amp, k_phase, q_amp, q_phase, k_pos, q_pos, alpha, amp_scale, phase_scale,
-                PHASE_QUADRATIC, DOT_PRECISION,
+                PHASE_QUADRATIC, DOT_PRECISION, FAST_MATH,
             )
             visible = is_visible(q_pos[None, :], k_pos[:, None], q_valid[None, :], (offs_n < k_len)[:, None], CAUSAL)
-            probs, cos = recompute_probs(amp, angle, visible, lse[None, :], FAST_COS)
+            probs, cos = recompute_probs(amp, angle, visible, lse[None, :], FAST_MATH)
             dv = tl.dot(probs.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
             dprobs = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-            d_amp, d_phi = score_grads(probs, dprobs, delta[None, :], amp, dist, angle, cos, FAST_COS)
+            d_amp, d_phi = score_grads(probs, dprobs, delta[None, :], amp, dist, angle, cos, FAST_MATH)
             dk_amp = tl.dot(d_amp.to(q_amp.dtype), q_amp, dk_amp, input_precision=DOT_PRECISION)
             dk_phase = accumulate_phase_grad(dk_phase, d_phi, q_phase, PHASE_QUADRATIC, DOT_PRECISION)
 
     store_split_rows(
-        dk_ptr + kv_head * stride_dkh, dk_amp * amp_scale, dk_phase * phase_scale,
+        dk_ptr + kv_head * stride_dkh, dk_amp * amp_scale, phase_grad_rows(dk_phase * phase_scale, PHASE_QUADRATIC),
         k_start, offs_n, k_len, stride_dkt, stride_dkd, AMP, PHASE, AMP_PAD, PHASE_PAD,
     )
     store_rows(dv_ptr + kv_head * stride_dvh, dv, k_start, offs_n, k_len, stride_dvt, stride_dvd, dims, HEAD_DIM)
@@ -169,12 +177,12 @@ def _tapa_bwd_dq_kernel(
     total_q, alpha, amp_scale, phase_scale, group,
     AMP: tl.constexpr, PHASE: tl.constexpr, AMP_PAD: tl.constexpr, PHASE_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, PHASE_QUADRATIC: tl.constexpr, CAUSAL: tl.constexpr,
-    FAST_COS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    FAST_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SCAN_TILES: tl.constexpr,
 ):
     block_m = tl.program_id(0)
     doc = tl.program_id(1)
-    head = tl.program_id(2)
+    head = tl.program_id(2).to(tl.int64)  # int64: head * total_q and head * stride pass 2^31
     q_start = tl.load(cu_seqlens_q + doc)
     q_len = tl.load(cu_seqlens_q + doc + 1) - q_start
     if block_m * BLOCK_M >= q_len:
@@ -207,17 +215,18 @@ def _tapa_bwd_dq_kernel(
         )
         v = load_rows(v_ptr, k_start, offs_n, k_len, stride_vt, stride_vd, dims, HEAD_DIM)
         amp, dist, angle = score_parts(
-            q_amp, q_phase, k_amp, k_phase, q_pos, k_pos, alpha, amp_scale, phase_scale, PHASE_QUADRATIC, DOT_PRECISION
+            q_amp, q_phase, k_amp, k_phase, q_pos, k_pos, alpha, amp_scale, phase_scale, PHASE_QUADRATIC, DOT_PRECISION,
+            FAST_MATH,
         )
         visible = is_visible(q_pos[:, None], k_pos[None, :], q_valid[:, None], (offs_n < k_len)[None, :], CAUSAL)
-        probs, cos = recompute_probs(amp, angle, visible, lse[:, None], FAST_COS)
+        probs, cos = recompute_probs(amp, angle, visible, lse[:, None], FAST_MATH)
         dprobs = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        d_amp, d_phi = score_grads(probs, dprobs, delta[:, None], amp, dist, angle, cos, FAST_COS)
+        d_amp, d_phi = score_grads(probs, dprobs, delta[:, None], amp, dist, angle, cos, FAST_MATH)
         dq_amp = tl.dot(d_amp.to(k_amp.dtype), k_amp, dq_amp, input_precision=DOT_PRECISION)
         dq_phase = accumulate_phase_grad(dq_phase, d_phi, k_phase, PHASE_QUADRATIC, DOT_PRECISION)
 
     store_split_rows(
-        dq_ptr + head * stride_dqh, dq_amp * amp_scale, dq_phase * phase_scale,
+        dq_ptr + head * stride_dqh, dq_amp * amp_scale, phase_grad_rows(dq_phase * phase_scale, PHASE_QUADRATIC),
         q_start, offs_m, q_len, stride_dqt, stride_dqd, AMP, PHASE, AMP_PAD, PHASE_PAD,
     )
 
@@ -230,15 +239,16 @@ def dkdv_config(dtype, interpreted):
         return dict(BLOCK_M=32, BLOCK_N=32, SCAN_TILES=4)
     if dtype == torch.float32:
         return dict(BLOCK_M=16, BLOCK_N=32, SCAN_TILES=64, num_warps=8, num_stages=2)
-    return dict(BLOCK_M=32, BLOCK_N=64, SCAN_TILES=64, num_warps=8, num_stages=2)
+    return dict(BLOCK_M=32, BLOCK_N=64, SCAN_TILES=64, num_warps=mma_warps(64), num_stages=2)  # rows: keys
 
 
 def dq_config(dtype, interpreted):
     """Launch options of the dQ kernel (BLOCK_M: queries per program, BLOCK_N: keys per step)."""
     if interpreted:
         return dict(BLOCK_M=32, BLOCK_N=32, SCAN_TILES=4)
-    block_m = 32 if dtype == torch.float32 else 64
-    return dict(BLOCK_M=block_m, BLOCK_N=32, SCAN_TILES=64, num_warps=8, num_stages=2)
+    if dtype == torch.float32:
+        return dict(BLOCK_M=32, BLOCK_N=32, SCAN_TILES=64, num_warps=8, num_stages=2)
+    return dict(BLOCK_M=64, BLOCK_N=32, SCAN_TILES=64, num_warps=mma_warps(64), num_stages=2)
 
 
 def tapa_bwd(

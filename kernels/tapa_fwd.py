@@ -39,12 +39,12 @@ def _tapa_fwd_kernel(
     alpha, amp_scale, phase_scale, group,
     AMP: tl.constexpr, PHASE: tl.constexpr, AMP_PAD: tl.constexpr, PHASE_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, PHASE_QUADRATIC: tl.constexpr, CAUSAL: tl.constexpr,
-    FAST_COS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    FAST_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SCAN_TILES: tl.constexpr,
 ):
     block_m = tl.program_id(0)
     doc = tl.program_id(1)
-    head = tl.program_id(2)
+    head = tl.program_id(2).to(tl.int64)  # int64: head * stride passes 2^31 (32 heads x 67M tokens)
     q_start = tl.load(cu_seqlens_q + doc)
     q_len = tl.load(cu_seqlens_q + doc + 1) - q_start
     if block_m * BLOCK_M >= q_len:
@@ -74,11 +74,12 @@ def _tapa_fwd_kernel(
             k_ptr, k_start, offs_n, k_len, stride_kt, stride_kd, AMP, PHASE, AMP_PAD, PHASE_PAD, PHASE_QUADRATIC
         )
         amp, dist, angle = score_parts(
-            q_amp, q_phase, k_amp, k_phase, q_pos, k_pos, alpha, amp_scale, phase_scale, PHASE_QUADRATIC, DOT_PRECISION
+            q_amp, q_phase, k_amp, k_phase, q_pos, k_pos, alpha, amp_scale, phase_scale, PHASE_QUADRATIC, DOT_PRECISION,
+            FAST_MATH,
         )
         k_valid = offs_n < k_len
         visible = is_visible(q_pos[:, None], k_pos[None, :], q_valid[:, None], k_valid[None, :], CAUSAL)
-        scores = tl.where(visible, amp * cos_radians(angle, FAST_COS) * LOG2E, float("-inf"))
+        scores = tl.where(visible, amp * cos_radians(angle, FAST_MATH) * LOG2E, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(scores, 1))
         # Rows with no visible key yet keep max -inf: subtract 0 instead, so exp2 gives 0, not NaN.
         safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
@@ -111,11 +112,11 @@ def kernel_options(q, k, amp_dim, phase, causal):
         raise ValueError(f"q and k/v dtypes differ ({q.dtype}, {k.dtype}).")
     if q.shape[-2] % k.shape[-2]:
         raise ValueError(f"heads_q={q.shape[-2]} is not a multiple of heads_kv={k.shape[-2]}.")
-    fast_cos = not interpreting(q) and torch.version.hip is None  # PTX: NVIDIA GPUs only
-    return kernel_constexprs(q.dtype, q.shape[-1], amp_dim, phase, causal, fast_cos=fast_cos)
+    fast_math = not interpreting(q) and torch.version.hip is None  # PTX: NVIDIA GPUs only
+    return kernel_constexprs(q.dtype, q.shape[-1], amp_dim, phase, causal, fast_math=fast_math)
 
 
-def kernel_constexprs(dtype, head_dim, amp_dim, phase, causal, *, fast_cos):
+def kernel_constexprs(dtype, head_dim, amp_dim, phase, causal, *, fast_math):
     """The constexpr arguments the kernels share, from the input dtype and sizes alone (so
     scripts/compile_kernels.py can compile the kernels without tensors or a GPU)."""
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -138,7 +139,7 @@ def kernel_constexprs(dtype, head_dim, amp_dim, phase, causal, *, fast_cos):
         HEAD_DIM=head_dim,
         PHASE_QUADRATIC=phase == "quadratic",
         CAUSAL=bool(causal),
-        FAST_COS=fast_cos,
+        FAST_MATH=fast_math,
         # The phase amplifies dot-product error: fp32 inputs need exact fp32 products, not tf32.
         # (The precision setting only affects fp32 operands; for fp16 / bf16 the default is kept.)
         DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
@@ -147,6 +148,13 @@ def kernel_constexprs(dtype, head_dim, amp_dim, phase, causal, *, fast_cos):
 
 def kernel_scalars(alpha, amp_dim, head_dim):
     return dict(alpha=float(alpha), amp_scale=1.0 / math.sqrt(amp_dim), phase_scale=1.0 / math.sqrt(head_dim - amp_dim))
+
+
+def mma_warps(tile_rows):
+    """num_warps for a tile of `tile_rows` rows: each warp of an NVIDIA mma layout owns 16 rows, and
+    a wgmma warpgroup (4 warps) 64, so 8 warps on a 64-row tile would both compute the same rows
+    (Triton's fused-attention tutorial drops those configurations too)."""
+    return 8 if tile_rows >= 128 else 4
 
 
 def fwd_config(dtype, head_dim, interpreted):
@@ -159,9 +167,9 @@ def fwd_config(dtype, head_dim, interpreted):
         return dict(BLOCK_M=32, BLOCK_N=32, SCAN_TILES=4)
     if dtype == torch.float32:  # exact fp32 products run on CUDA cores and hold more registers
         block_m = 64 if head_dim <= 64 else 32
-    else:
-        block_m = 128 if head_dim <= 64 else 64
-    return dict(BLOCK_M=block_m, BLOCK_N=32, SCAN_TILES=64, num_warps=8, num_stages=2)
+        return dict(BLOCK_M=block_m, BLOCK_N=32, SCAN_TILES=64, num_warps=8, num_stages=2)
+    block_m = 128 if head_dim <= 64 else 64
+    return dict(BLOCK_M=block_m, BLOCK_N=32, SCAN_TILES=64, num_warps=mma_warps(block_m), num_stages=2)
 
 
 def tapa_fwd(

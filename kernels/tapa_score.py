@@ -39,11 +39,13 @@ def load_split_rows(
     PHASE_QUADRATIC: tl.constexpr,
 ):
     """Amplitude (first AMP dims) and phase (last PHASE dims) parts of a tile, each padded to a
-    power of two. The linear phase only needs sum(x_P): its phase part is that (rows, 1) column."""
+    power of two. The linear phase only needs sum(x_P): its phase part is that (rows,) vector, which
+    broadcasts into the score tile like the positions do (a (rows, 1) tile and its transpose put the
+    whole phase tile in a blocked layout, converted to the mma one through shared memory)."""
     amp = load_rows(ptr, start, offs, length, stride_t, stride_d, tl.arange(0, AMP_PAD), AMP)
     phase = load_rows(ptr + AMP * stride_d, start, offs, length, stride_t, stride_d, tl.arange(0, PHASE_PAD), PHASE)
     if not PHASE_QUADRATIC:
-        phase = tl.sum(phase.to(tl.float32), 1)[:, None]
+        phase = tl.sum(phase.to(tl.float32), 1)
     return amp, phase
 
 
@@ -109,51 +111,42 @@ def is_visible(q_pos, k_pos, q_valid, k_valid, CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def distance_power(row_pos, col_pos, alpha):
+def log2_at_least_one(x, FAST_MATH: tl.constexpr):
+    """log2 of x >= 1: the GPU's approximate lg2 (a single MUFU op; relative error ~2^-22 for x >= 1)
+    instead of libdevice's __nv_log2f (about 20 instructions and a branch for denormals)."""
+    if FAST_MATH:
+        result = tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        result = tl.log2(x)
+    return result
+
+
+@triton.jit
+def distance_power(row_pos, col_pos, alpha, FAST_MATH: tl.constexpr):
     """|m - n|^alpha for a tile, 0 where m == n. row_pos (R,), col_pos (C,) int64 -> (R, C) fp32.
 
-    Off the diagonal a tile's distances often span a narrow range around a large center D0
-    (always so with context-parallel chunks or large offsets). There a binomial series around
-    D0 replaces the log2 + exp2 per element: d^a = D0^a (1 + x (c1 + x (c2 + x (c3 + x c4)))),
-    x = (d - D0) / D0 with |x| <= 1/16, truncation error ~1e-8 relative, below fp32 eps.
-    Integer work is int64 on the (R,) and (C,) vectors only: no int64 tile (registers).
+    exp2(alpha log2 d): with FAST_MATH two MUFU ops per score (lg2.approx, ex2.approx) and no
+    branch. Its relative error is ~ln2 alpha log2(d) fp32 ulp (the rounding of alpha log2 d),
+    ~1e-6 at d = 128K, alpha = 0.5; the phase multiplies it by phi |m - n|^alpha. (A binomial
+    series around a tile's center distance was more exact far off the diagonal, but choosing it
+    per tile took a runtime `if`, and with it a layout conversion through shared memory and
+    barriers every iteration.) Integer work is int64 on the (R,) and (C,) vectors only.
     """
     row_min = tl.min(row_pos, 0)
-    row_max = tl.max(row_pos, 0)
-    col_min = tl.min(col_pos, 0)
-    col_max = tl.max(col_pos, 0)
-    # If the tile lies on one side of the diagonal, |d| spans [near, far] and
-    # 2 |d| - (near + far) = row_part + col_part - (far - near), all small exact integers.
-    rows_after = row_min > col_max
-    near = tl.where(rows_after, row_min - col_max, col_min - row_max)
-    far = tl.where(rows_after, row_max - col_min, col_max - row_min)
-    if (near > 0) & (16 * (far - near) <= near + far):
-        row_part = (tl.where(rows_after, row_pos - row_min, row_max - row_pos) * 2).to(tl.float32)
-        col_part = (tl.where(rows_after, col_max - col_pos, col_pos - col_min) * 2).to(tl.float32)
-        span = (near + far).to(tl.float32)  # 2 * D0
-        x = (row_part[:, None] + col_part[None, :] - (far - near).to(tl.float32)) / span
-        center_pow = tl.exp2(alpha * (tl.log2(span) - 1.0))
-        c1 = alpha
-        c2 = c1 * (alpha - 1.0) / 2.0
-        c3 = c2 * (alpha - 2.0) / 3.0
-        c4 = c3 * (alpha - 3.0) / 4.0
-        dist = center_pow * (1.0 + x * (c1 + x * (c2 + x * (c3 + x * c4))))
-    else:
-        # Positions relative to the tile's smallest row one: exact in int32 while a tile pair
-        # spans less than 2^31 positions.
-        diff = (row_pos - row_min).to(tl.int32)[:, None] - (col_pos - row_min).to(tl.int32)[None, :]
-        d = tl.abs(diff).to(tl.float32)
-        dist = tl.where(d > 0, tl.exp2(alpha * tl.log2(tl.maximum(d, 1.0))), 0.0)
-    return dist
+    # Positions relative to the tile's smallest row one: exact in int32 while a tile pair
+    # spans less than 2^31 positions.
+    diff = (row_pos - row_min).to(tl.int32)[:, None] - (col_pos - row_min).to(tl.int32)[None, :]
+    d = tl.abs(diff).to(tl.float32)
+    return tl.where(d > 0, tl.exp2(alpha * log2_at_least_one(tl.maximum(d, 1.0), FAST_MATH)), 0.0)
 
 
 @triton.jit
 def phase_product(row_phase, col_phase, PHASE_QUADRATIC: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """phi * sqrt(P) for a tile (linear phase: the parts are the (n, 1) sums from load_split_rows)."""
+    """phi * sqrt(P) for a tile (linear phase: the parts are the (n,) sums from load_split_rows)."""
     if PHASE_QUADRATIC:
         phi = tl.dot(row_phase, tl.trans(col_phase), input_precision=DOT_PRECISION)
     else:
-        phi = row_phase + tl.trans(col_phase)
+        phi = row_phase[:, None] + col_phase[None, :]
     return phi
 
 
@@ -164,9 +157,9 @@ def turns_to_radians(turns):
 
 
 @triton.jit
-def cos_radians(angle, FAST_COS: tl.constexpr):
-    """cos of an angle in [-pi, pi]; FAST_COS uses the GPU's approximate cosine (CUDA only)."""
-    if FAST_COS:
+def cos_radians(angle, FAST_MATH: tl.constexpr):
+    """cos of an angle in [-pi, pi]; FAST_MATH uses the GPU's approximate cosine (CUDA only)."""
+    if FAST_MATH:
         cos = tl.inline_asm_elementwise(
             "cos.approx.f32 $0, $1;", "=f,f", [angle], dtype=tl.float32, is_pure=True, pack=1
         )
@@ -176,9 +169,9 @@ def cos_radians(angle, FAST_COS: tl.constexpr):
 
 
 @triton.jit
-def sin_radians(angle, FAST_COS: tl.constexpr):
-    """sin of an angle in [-pi, pi]; FAST_COS uses the GPU's approximate sine (CUDA only)."""
-    if FAST_COS:
+def sin_radians(angle, FAST_MATH: tl.constexpr):
+    """sin of an angle in [-pi, pi]; FAST_MATH uses the GPU's approximate sine (CUDA only)."""
+    if FAST_MATH:
         sin = tl.inline_asm_elementwise(
             "sin.approx.f32 $0, $1;", "=f,f", [angle], dtype=tl.float32, is_pure=True, pack=1
         )
@@ -190,10 +183,10 @@ def sin_radians(angle, FAST_COS: tl.constexpr):
 @triton.jit
 def score_parts(
     row_amp, row_phase, col_amp, col_phase, row_pos, col_pos, alpha, amp_scale, phase_scale,
-    PHASE_QUADRATIC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PHASE_QUADRATIC: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
 ):
     """The parts of a score tile: amplitude, |m - n|^alpha and the phase angle, so that s = amp * cos(angle)."""
     amp = tl.dot(row_amp, tl.trans(col_amp), input_precision=DOT_PRECISION) * amp_scale
-    dist = distance_power(row_pos, col_pos, alpha)
+    dist = distance_power(row_pos, col_pos, alpha, FAST_MATH)
     phi = phase_product(row_phase, col_phase, PHASE_QUADRATIC, DOT_PRECISION) * phase_scale
     return amp, dist, turns_to_radians(dist * phi)

@@ -5,8 +5,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
-[[ -x $VENV/bin/python ]] || python3 -m venv "$VENV"
+PYTHON=${PYTHON:-python3}  # CI's second leg: PYTHON=<a Python 3.12> VENV=.venv312 (megatron-core 0.19)
+[[ -x $VENV/bin/python ]] || "$PYTHON" -m venv "$VENV"
 if ! command -v nvidia-smi >/dev/null 2>&1; then
+  # Python 3.11: the CPU build; for 3.12 PyPI has only the CUDA build (its nvidia-* libraries, ~4.7 GB
+  # installed, are linked at import, so --no-deps does not work; measured ~2 min to install, runs on CPU)
   "$VENV/bin/pip" install -q torch==2.13.0
 fi
 "$VENV/bin/pip" install -q -e '.[dev,deepspeed]'  # DeepSpeed's sdist builds without torch; the CPU torch above serves it

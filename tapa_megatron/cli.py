@@ -279,7 +279,23 @@ def build_parser():
                                formatter_class=argparse.RawDescriptionHelpFormatter)
     plan_command.add_arguments(plan)
     plan.set_defaults(handler=cmd_plan)
+
+    from tapa_megatron import selfcheck as selfcheck_module  # torch only at import; megatron loads when it runs
+
+    selfcheck = commands.add_parser("selfcheck", help="kernels, engines and an extension checked on this machine; "
+                                    "writes a JSON report", description=selfcheck_module.__doc__,
+                                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    selfcheck.add_argument("--out", required=True, help="where to write the JSON report")
+    selfcheck.add_argument("--cpu", action="store_true", help="run on CPU only (what CI runs), even with a GPU")
+    selfcheck.set_defaults(handler=cmd_selfcheck)
     return parser
+
+
+def cmd_selfcheck(args):
+    from tapa_megatron import selfcheck
+
+    if not selfcheck.run(args.out, cpu=args.cpu):
+        raise SystemExit(1)
 
 
 def cmd_plan(args):

@@ -1,5 +1,8 @@
 """Attention benchmark: TAPA (Triton, torch path, reference) beside PyTorch SDPA on the same shapes.
 
+On CUDA, SDPA runs twice: its flash kernel (`sdpa`, the choice of a RoPE user) and cuDNN's (`cudnn`).
+Forward, backward alone (from a kept graph) and forward + backward are timed after warming up all three.
+
 FLOPs are counted as FlashAttention's benchmark does: 4 * B * H * S^2 * D, halved for causal, for the
 forward pass; the backward is 2.5x the forward, so forward + backward is 3.5x. TAPA's two half-width score products (amplitude and
 phase) add up to one full-width QK^T, so the same count applies to both.
@@ -8,7 +11,6 @@ phase) add up to one full-width QK^T, so the same count applies to both.
 import dataclasses
 import os
 import platform
-import statistics
 import time
 
 import torch
@@ -16,7 +18,7 @@ import torch.nn.functional as F
 
 from tapa_megatron.ops import tapa_attention
 
-IMPLEMENTATIONS = ("triton", "torch", "reference", "sdpa")
+IMPLEMENTATIONS = ("triton", "torch", "reference", "sdpa", "cudnn")
 
 
 @dataclasses.dataclass
@@ -24,6 +26,7 @@ class Row:
     seq: int
     impl: str
     fwd_ms: float | None = None
+    bwd_ms: float | None = None
     fwd_bwd_ms: float | None = None
     fwd_tflops: float | None = None
     fwd_bwd_tflops: float | None = None
@@ -56,31 +59,34 @@ def versions():
 
 
 def _time_ms(fn, device, repeats):
-    """Median wall time of fn in ms: triton.testing.do_bench on CUDA, perf_counter on CPU."""
+    """Wall time of fn in ms: the median of triton.testing.do_bench on CUDA; on CPU the fastest of
+    `repeats` perf_counter samples (other processes on a shared CPU only add time, and stall the
+    OpenMP threads of a sample by far more than its own spread)."""
     if device.type == "cuda":
         import triton.testing
 
         return triton.testing.do_bench(fn, warmup=5, rep=max(repeats * 10, 25))
-    fn()  # warm-up
     samples = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
+    return min(samples)
 
 
 def _attention_fn(impl, args):
-    if impl == "sdpa":
-        # SDPA takes (B, H, S, D); on CUDA force the flash kernel, the choice of a RoPE user.
+    if impl in ("sdpa", "cudnn"):
+        # SDPA takes (B, H, S, D); on CUDA force one kernel: flash (sdpa) or cuDNN's (cudnn).
         def run(q, k, v):
+            gqa = q.shape[2] != k.shape[2]
             q, k, v = (t.transpose(1, 2) for t in (q, k, v))
             if q.is_cuda:
                 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                    return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+                backend = SDPBackend.CUDNN_ATTENTION if impl == "cudnn" else SDPBackend.FLASH_ATTENTION
+                with sdpa_kernel(backend):
+                    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa).transpose(1, 2)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa).transpose(1, 2)
 
         return run
     return lambda q, k, v: tapa_attention(q, k, v, alpha=args.alpha, theta=args.theta, backend=impl)
@@ -93,19 +99,26 @@ def _reference_bytes(batch, heads, seq, dtype):
 
 def measure(impl, seq, args, device, dtype):
     row = Row(seq=seq, impl=impl)
-    if impl == "reference" and _reference_bytes(args.batch, args.heads, seq, dtype) > args.max_reference_gib * 2**30:
+    too_big = args.max_reference_gib is not None and _reference_bytes(args.batch, args.heads, seq, dtype) > args.max_reference_gib * 2**30
+    if impl == "reference" and too_big:
         need = _reference_bytes(args.batch, args.heads, seq, dtype) / 2**30
         row.note = f"skipped: needs ~{need:.0f} GiB for full score matrices"
         return row
     gen = torch.Generator(device=device).manual_seed(0)
-    shape = (args.batch, seq, args.heads, args.head_dim)
-    q, k, v = (torch.randn(shape, generator=gen, device=device, dtype=dtype).requires_grad_() for _ in range(3))
-    d_out = torch.randn(shape, generator=gen, device=device, dtype=dtype)
+    q_shape = (args.batch, seq, args.heads, args.head_dim)
+    kv_shape = (args.batch, seq, args.kv_heads, args.head_dim)
+    q, k, v = (torch.randn(shape, generator=gen, device=device, dtype=dtype).requires_grad_()
+               for shape in (q_shape, kv_shape, kv_shape))
+    d_out = torch.randn(q_shape, generator=gen, device=device, dtype=dtype)
     attend = _attention_fn(impl, args)
+    out = None
 
     def forward():
         with torch.no_grad():
             attend(q, k, v)
+
+    def backward():
+        torch.autograd.grad(out, (q, k, v), d_out, retain_graph=True)
 
     def forward_backward():
         torch.autograd.grad(attend(q, k, v), (q, k, v), d_out)
@@ -114,16 +127,24 @@ def measure(impl, seq, args, device, dtype):
     try:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+        # Warm up every path before timing any: the first call of each pays one-off costs (kernel
+        # compiles, autograd and allocator caches), which a single forward warm-up left in fwd+bwd.
+        forward_backward()
+        forward()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            row.peak_mib = torch.cuda.max_memory_allocated(device) / 2**20  # one fwd+bwd
         row.fwd_ms = _time_ms(forward, device, args.repeats)
         row.fwd_bwd_ms = _time_ms(forward_backward, device, args.repeats)
-        if device.type == "cuda":
-            row.peak_mib = torch.cuda.max_memory_allocated(device) / 2**20
+        out = attend(q, k, v)
+        backward()
+        row.bwd_ms = _time_ms(backward, device, args.repeats)
     except torch.OutOfMemoryError:
         row.note = "out of memory"
     except RuntimeError as err:  # e.g. no flash kernel for this dtype/device
         row.note = f"failed: {str(err).splitlines()[0][:60]}"
     finally:
-        del q, k, v, d_out
+        del q, k, v, d_out, out
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if row.fwd_ms:
@@ -139,14 +160,15 @@ def _fmt(value, digits=2):
 
 def format_table(rows, baseline="sdpa"):
     base = {r.seq: r for r in rows if r.impl == baseline}
-    header = ("seq", "impl", "fwd ms", "fwd+bwd ms", "fwd TFLOP/s", "fwd+bwd TFLOP/s", "peak MiB", f"vs {baseline}", "")
+    header = ("seq", "impl", "fwd ms", "bwd ms", "fwd+bwd ms", "fwd TFLOP/s", "fwd+bwd TFLOP/s", "peak MiB",
+              f"vs {baseline}", "note")
     lines = [header]
     for r in rows:
         ratio = None
         ref = base.get(r.seq)
         if ref and ref.fwd_bwd_ms and r.fwd_bwd_ms:
             ratio = ref.fwd_bwd_ms / r.fwd_bwd_ms
-        lines.append((str(r.seq), r.impl, _fmt(r.fwd_ms), _fmt(r.fwd_bwd_ms), _fmt(r.fwd_tflops, 3),
+        lines.append((str(r.seq), r.impl, _fmt(r.fwd_ms), _fmt(r.bwd_ms), _fmt(r.fwd_bwd_ms), _fmt(r.fwd_tflops, 3),
                       _fmt(r.fwd_bwd_tflops, 3), _fmt(r.peak_mib, 0), "-" if ratio is None else f"{ratio:.2f}x",
                       r.note))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
@@ -182,17 +204,20 @@ def add_arguments(parser):
     parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
                         help="default: bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--seqlens", type=int, nargs="+", default=None,
-                        help="default: 1K..128K on CUDA, 256..2K on CPU")
+                        help="default: 8K..128K on CUDA, 256..2K on CPU")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--heads", type=int, default=None, help="default: 32 on CUDA, 4 on CPU")
+    parser.add_argument("--kv-heads", type=int, default=None, help="default: 8 on CUDA, --heads on CPU (no GQA)")
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--alpha", type=float, default=0.1)
     parser.add_argument("--theta", type=float, default=0.5)
     parser.add_argument("--impls", nargs="+", choices=IMPLEMENTATIONS, default=None,
-                        help="default: all on CUDA; torch, reference, sdpa on CPU (Triton's interpreter is not a speed)")
+                        help="default: all on CUDA; torch, reference, sdpa on CPU (Triton's interpreter is not a "
+                             "speed; cudnn is CUDA only)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--max-reference-gib", type=float, default=16.0,
-                        help="skip the reference where its score matrices would need more memory than this")
+    parser.add_argument("--max-reference-gib", type=float, default=None,
+                        help="skip the reference where its score matrices would need more memory than this "
+                             "(default: none on CUDA, where it runs until out of memory; 16 on CPU)")
     parser.add_argument("--plot", default=None, help="also write a PNG of fwd+bwd TFLOP/s against length")
 
 
@@ -201,16 +226,29 @@ def run(args):
     cuda = device.type == "cuda"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype or ("bf16" if cuda else "fp32")]
     args.heads = args.heads or (32 if cuda else 4)
-    seqlens = args.seqlens or ([2**i for i in range(10, 18)] if cuda else [256, 512, 1024, 2048])
+    args.kv_heads = args.kv_heads or (min(8, args.heads) if cuda else args.heads)
+    if args.heads % args.kv_heads:
+        raise SystemExit(f"--heads {args.heads} is not a multiple of --kv-heads {args.kv_heads}: pick a divisor.")
+    if args.max_reference_gib is None and not cuda:
+        args.max_reference_gib = 16.0
+    seqlens = args.seqlens or ([2**i for i in range(13, 18)] if cuda else [256, 512, 1024, 2048])
     impls = args.impls or (IMPLEMENTATIONS if cuda else ("torch", "reference", "sdpa"))
+    if "cudnn" in impls and not cuda:
+        raise SystemExit("--impls cudnn needs a CUDA device (cuDNN attention); drop it or pass --device cuda.")
     title = (f"{device_description(device)} | {versions()}\n"
-             f"{str(dtype).removeprefix('torch.')}, causal, batch {args.batch}, heads {args.heads}, "
+             f"{str(dtype).removeprefix('torch.')}, causal, batch {args.batch}, heads {args.heads}/{args.kv_heads} kv, "
              f"head_dim {args.head_dim}, alpha {args.alpha}, theta {args.theta}")
     print(f"# TAPA attention benchmark\n# {title.replace(chr(10), chr(10) + '# ')}", flush=True)
     rows = []
+    out_of_memory = {}  # impl -> the first length it ran out of memory at
     for seq in seqlens:
         for impl in impls:
-            row = measure(impl, seq, args, device, dtype)
+            if impl in out_of_memory:
+                row = Row(seq=seq, impl=impl, note=f"skipped: out of memory at {out_of_memory[impl]}")
+            else:
+                row = measure(impl, seq, args, device, dtype)
+                if row.note == "out of memory":
+                    out_of_memory[impl] = seq
             rows.append(row)
             print(f"  seq {seq:>6} {impl:<9} fwd+bwd {_fmt(row.fwd_bwd_ms)} ms {row.note}", flush=True)
     print(format_table(rows))

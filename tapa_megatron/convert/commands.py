@@ -3,6 +3,7 @@
     tapa convert hf-to-megatron --hf meta-llama-3-8b/ --out ckpt/llama3-8b-tapa --position tapa --tp 8
     tapa convert megatron-to-hf --ckpt runs/llama3-8b-tapa-128k --out hf/llama3-8b-tapa-128k
     tapa convert inspect runs/llama3-8b-tapa-128k [--verify]
+    tapa convert megatron-lm --ckpt runs/llama3-8b-8k-pretrain-rope --out mlm/llama3-8b-rope
 
 See docs/checkpoints.md for the formats, the parameter mapping and the full recipe.
 """
@@ -55,6 +56,17 @@ def cmd_inspect(args):
         _fail("inspect", err)
     for label, text in rows:
         print(f"{label:<9} {text}")
+
+
+def cmd_megatron_lm(args):
+    from tapa_megatron.convert import ConversionError, megatron_lm
+
+    try:
+        target = megatron_lm.convert(args.ckpt, args.out, overwrite=args.overwrite)
+    except ConversionError as err:
+        _fail("megatron-lm", err)
+    print(f"wrote {target} and {target.parent / megatron_lm.TRACKER}; continue with Megatron-LM's "
+          f"--load {target.parent} --ckpt-format torch_dist --no-load-optim --no-load-rng")
 
 
 def add_arguments(parser):
@@ -110,3 +122,12 @@ def add_arguments(parser):
                          help="check every file of the checkpoint against the sizes and SHA-256 sums in its completion "
                               "marker first (reads all of it); exits non-zero if one does not match")
     inspect.set_defaults(handler=cmd_inspect)
+
+    megatron_lm = commands.add_parser(
+        "megatron-lm", help="a directory Megatron-LM's --load continues from (iter_NNNNNNN + tracker file)",
+        description="Lay a checkpoint out as Megatron-LM's load_checkpoint expects it (see "
+                    "tapa_megatron/convert/megatron_lm.py): hard links to its files, common state with iteration.")
+    megatron_lm.add_argument("--ckpt", required=True, help="a checkpoint directory, or a run directory (its newest)")
+    megatron_lm.add_argument("--out", required=True, help="the directory to pass to Megatron-LM's --load")
+    megatron_lm.add_argument("--overwrite", action="store_true", help="replace that step's iter_ directory")
+    megatron_lm.set_defaults(handler=cmd_megatron_lm)

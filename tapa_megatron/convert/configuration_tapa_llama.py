@@ -4,6 +4,7 @@ Self-contained (transformers only): `tapa convert megatron-to-hf` copies this fi
 directory so that `AutoConfig.from_pretrained(dir, trust_remote_code=True)` works without tapa-megatron.
 """
 
+import math
 from transformers import PretrainedConfig
 
 PHASES = ("quadratic", "linear")
@@ -26,6 +27,7 @@ class TapaLlamaConfig(PretrainedConfig):
         tapa_alpha=0.1,  # distance exponent: the phase turns with |m - n|^alpha
         tapa_theta=0.5,  # share of each head's dims that forms the amplitude part
         tapa_phase="quadratic",  # "quadratic" (q_P . k_P) or "linear" (the paper's ablation)
+        tapa_phase_scale=6.283185307179586,  # the angle's factor: 2 pi as in the paper
         tapa_query_block=1024,  # queries per attention block: bounds the score matrix's memory
         initializer_range=0.02,
         use_cache=True,
@@ -46,6 +48,7 @@ class TapaLlamaConfig(PretrainedConfig):
         self.tapa_alpha = tapa_alpha
         self.tapa_theta = tapa_theta
         self.tapa_phase = tapa_phase
+        self.tapa_phase_scale = tapa_phase_scale
         self.tapa_query_block = tapa_query_block
         self.initializer_range = initializer_range
         self.use_cache = use_cache
@@ -65,6 +68,8 @@ class TapaLlamaConfig(PretrainedConfig):
         if not 0 < self.tapa_theta < 1 or amplitude != int(amplitude):
             raise ValueError(f"tapa_theta={self.tapa_theta} must lie in (0, 1) with tapa_theta * head_dim "
                              f"({self.head_dim}) a whole number of dims.")
+        if not (math.isfinite(self.tapa_phase_scale) and self.tapa_phase_scale > 0):
+            raise ValueError(f"tapa_phase_scale={self.tapa_phase_scale} must be a finite number > 0 (the paper's is 2 pi).")
         if self.tapa_phase not in PHASES:
             raise ValueError(f"tapa_phase={self.tapa_phase!r} is unknown; use one of {PHASES}.")
 

@@ -95,7 +95,8 @@ def model_config_from_hf(hf, where, position, tapa=None):
     if model_type == "tapa_llama":
         if position != "tapa":
             raise ConversionError(f"{where} is a TAPA model (tapa_llama); it converts with --position tapa only.")
-        trained = TapaSettings(alpha=hf["tapa_alpha"], theta=hf["tapa_theta"], phase=hf["tapa_phase"])
+        trained = TapaSettings(alpha=hf["tapa_alpha"], theta=hf["tapa_theta"], phase=hf["tapa_phase"],
+                               phase_scale=hf.get("tapa_phase_scale", TapaSettings.phase_scale))
         if tapa is not None and tapa != trained:
             raise ConversionError(f"{where}: the model was trained with TAPA {trained}; the --tapa-* options "
                                   "apply to Llama sources only, leave them out.")

@@ -19,7 +19,7 @@ from tapa_megatron.config import ConfigError, from_dict
 from tapa_megatron.convert import ConversionError
 from tapa_megatron.model import ModelConfig, build_gpt_model, transformer_config
 from tapa_megatron.train import checkpoint
-from tapa_megatron.train.checkpoint import SynchronousTorchDistSave
+from tapa_megatron.megatron_compat import save_strategy
 
 EMBEDDING = "embedding.word_embeddings.weight"
 
@@ -58,8 +58,8 @@ def build_model(model_cfg, padded_vocab_size, dtype):
 def save_checkpoint(model, path, common_state):
     """Write model weights and common_state (config, train_state, ...) as a complete checkpoint into the
     empty directory `path`: Megatron's torch_dist files, then the trainer's completion marker."""
-    strategy = None if torch.cuda.is_available() else SynchronousTorchDistSave()
-    dist_checkpointing.save({"model": model.sharded_state_dict(), **common_state}, str(path), sharded_strategy=strategy)
+    dist_checkpointing.save({"model": model.sharded_state_dict(), **common_state}, str(path),
+                            sharded_strategy=save_strategy())
     train_state = common_state["train_state"]
     marker = {"step": train_state["step"], "consumed_samples": train_state["consumed_samples"], "world_size": 1,
               "saved_at": time.time()}

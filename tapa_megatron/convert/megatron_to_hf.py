@@ -75,7 +75,7 @@ def _hf_config(model_cfg, export_format, vocab_size, dtype, common):
         return LlamaConfig(**fields, rope_parameters=rope, hidden_act="silu", attention_bias=False, mlp_bias=False,
                            head_dim=m.head_dim, architectures=["LlamaForCausalLM"])
     config = TapaLlamaConfig(**fields, tapa_alpha=m.tapa.alpha, tapa_theta=m.tapa.theta, tapa_phase=m.tapa.phase,
-                             architectures=["TapaLlamaForCausalLM"])
+                             tapa_phase_scale=m.tapa.phase_scale, architectures=["TapaLlamaForCausalLM"])
     config.auto_map = dict(AUTO_MAP)
     return config
 

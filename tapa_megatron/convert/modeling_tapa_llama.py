@@ -12,7 +12,8 @@ TAPA scores a query at position m against a key at position n as
 where each head's q and k split into an amplitude part (the first A = theta * head_dim dims) and a
 phase part (the other P dims). Scores depend on the distance |m - n|, so the KV cache (TapaCache)
 stores every cached key's position beside its key and value, and a key is visible to a query when
-its position is <= the query's.
+its position is <= the query's. (2 pi is tapa_phase_scale, the paper's; a model trained with another
+scale carries it in its config.)
 """
 
 import math
@@ -31,7 +32,7 @@ CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ 
 
 
 def tapa_attention(query, key, value, query_positions, key_positions, key_mask=None, *, alpha, amplitude_dim,
-                   phase="quadratic", query_block=1024):
+                   phase="quadratic", phase_scale=2 * math.pi, query_block=1024):
     """TAPA attention, causal by positions, one block of queries at a time.
 
     query (B, H, Sq, D); key, value (B, G, Sk, D) with H a multiple of G (grouped-query attention);
@@ -57,7 +58,7 @@ def tapa_attention(query, key, value, query_positions, key_positions, key_mask=N
             phi = phi / math.sqrt(phase_dim)
         distance = (q_positions[:, :, None] - key_positions[:, None, :]).abs().to(compute)  # (B, sq, Sk)
         distance_power = torch.where(distance > 0, distance.pow(alpha), torch.zeros_like(distance))
-        scores = amplitude * torch.cos(2 * math.pi * distance_power[:, None] * phi)
+        scores = amplitude * torch.cos(phase_scale * distance_power[:, None] * phi)
         visible = key_positions[:, None, :] <= q_positions[:, :, None]
         if key_mask is not None:
             visible = visible & key_mask[:, None, :]
@@ -165,7 +166,8 @@ class TapaLlamaAttention(nn.Module):
             key, value, key_positions = cache.update_with_positions(key, value, positions, self.layer_idx)
         c = self.config
         out = tapa_attention(query, key, value, positions, key_positions, key_mask, alpha=c.tapa_alpha,
-                             amplitude_dim=c.tapa_amplitude_dim, phase=c.tapa_phase, query_block=c.tapa_query_block)
+                             amplitude_dim=c.tapa_amplitude_dim, phase=c.tapa_phase,
+                             phase_scale=getattr(c, "tapa_phase_scale", 2 * math.pi), query_block=c.tapa_query_block)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
 
 

@@ -2,6 +2,7 @@
 scheme (TAPA, or a RoPE / NoPE baseline). `transformer_config` turns it into Megatron's TransformerConfig."""
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -26,6 +27,9 @@ class TapaSettings:
     alpha: float = 0.1
     theta: float = 0.5
     phase: str = "quadratic"
+    # the angle is phase_scale * |m - n|^alpha * phi: 2 pi as the paper writes it; a public forward-only
+    # TAPA kernel uses 1. Applied by scaling q_P (and k_P for the linear phase) before the op.
+    phase_scale: float = 2 * math.pi
     backend: str = "auto"  # "auto": Triton kernels on CUDA, the block-wise torch path on CPU
 
 
@@ -76,6 +80,9 @@ class ModelConfig:
             raise ValueError(f"model.tapa.backend={self.tapa.backend!r} is unknown; use one of {BACKENDS}.")
         if not self.tapa.alpha > 0:
             raise ValueError(f"model.tapa.alpha={self.tapa.alpha} must be > 0.")
+        if not (math.isfinite(self.tapa.phase_scale) and self.tapa.phase_scale > 0):
+            raise ValueError(f"model.tapa.phase_scale={self.tapa.phase_scale} must be a finite number > 0 "
+                             "(the paper's is 2 pi = 6.283185307179586).")
         if self.position == "tapa":
             amplitude_dim(self.head_dim, self.tapa.theta)  # raises for a theta that does not split D
         if self.rope.scaling not in SCALINGS:
@@ -106,7 +113,11 @@ def transformer_config(model: ModelConfig, *, tensor_parallel=1, pipeline_parall
     if recompute == "full":
         recompute_options = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     elif recompute == "selective":
-        recompute_options = dict(recompute_granularity="selective", recompute_modules=["core_attn"])
+        # TAPA's kernels keep only out and lse and recompute the scores in their backward already, so
+        # recomputing core_attn would rerun TAPA's forward (and the context-parallel ring) for nothing;
+        # the MLP's activations are what is left to drop. RoPE / NoPE's local attention keeps its scores.
+        modules = ["mlp"] if model.position == "tapa" else ["core_attn"]
+        recompute_options = dict(recompute_granularity="selective", recompute_modules=modules)
     elif recompute is not None:
         raise ValueError(f"recompute={recompute!r} is unknown; use null, 'full' or 'selective'.")
     return TapaTransformerConfig(
@@ -142,11 +153,15 @@ def transformer_config(model: ModelConfig, *, tensor_parallel=1, pipeline_parall
         tapa_alpha=model.tapa.alpha,
         tapa_theta=model.tapa.theta,
         tapa_phase=model.tapa.phase,
+        tapa_phase_scale=model.tapa.phase_scale,
         tapa_backend=model.tapa.backend,
         rope_base=model.rope.base,
         rope_scaling=model.rope.scaling,
         rope_scaling_factor=model.rope.factor,
         rope_original_max_position=model.rope.original_max_position,
+        # Megatron scales q and k by YaRN's temperature whenever the config has this field: 1 means none
+        yarn_rotary_scaling_factor=model.rope.factor if model.rope.scaling == "yarn" else 1.0,
+        yarn_original_max_position_embeddings=model.rope.original_max_position,
         **recompute_options,
     )
 

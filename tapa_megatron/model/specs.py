@@ -21,11 +21,13 @@ def transformer_engine_available():
     return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
 
 
-def gpt_layer_spec(position="tapa", use_transformer_engine=None):
+def gpt_layer_spec(position="tapa", use_transformer_engine=None, megatron_attention=False):
     """The layer spec for `position` ("tapa", "rope" or "none").
 
     use_transformer_engine: None picks Transformer Engine's linears and norms when it is importable
     on a CUDA machine, Megatron's local modules otherwise (the CPU path).
+    megatron_attention: keep the spec's own core attention (Transformer Engine's, with its context
+    parallelism) for a baseline whose rotary embedding Megatron's GPTModel applies (see gpt.py).
     """
     if position not in CORE_ATTENTION:
         raise ValueError(f"position={position!r} is unknown; use one of {sorted(CORE_ATTENTION)}.")
@@ -35,5 +37,8 @@ def gpt_layer_spec(position="tapa", use_transformer_engine=None):
         spec = get_gpt_layer_with_transformer_engine_spec()
     else:
         spec = get_gpt_layer_local_spec(normalization="RMSNorm")
-    spec.submodules.self_attention.submodules.core_attention = CORE_ATTENTION[position]
+    if megatron_attention and position == "tapa":
+        raise ValueError("TAPA has no Megatron core attention; megatron_attention is for the RoPE and NoPE baselines.")
+    if not megatron_attention:
+        spec.submodules.self_attention.submodules.core_attention = CORE_ATTENTION[position]
     return spec

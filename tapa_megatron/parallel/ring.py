@@ -1,4 +1,4 @@
-"""Ring (p2p) context-parallel TAPA attention.
+"""Ring (p2p) context-parallel attention (TAPA or softmax: any op with the (out, lse) contract).
 
 Every rank keeps its queries; key/value blocks travel around the ring (with their positions, unless the
 layout fixes them), one hop per step, while the rank attends to the block it holds: CP steps, the next
@@ -64,7 +64,7 @@ def _held_block(block, step, rank, size, positions_of):
     return (*block, positions_of((rank - step) % size))
 
 
-class RingTapaAttention(torch.autograd.Function):
+class RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, q_pos, k_pos, group, positions_of, partial_forward, partial_backward):
         rank, size = dist.get_rank(group), dist.get_world_size(group)
@@ -123,4 +123,4 @@ def ring_attention(q, k, v, q_pos, k_pos, group, positions_of, partial_forward, 
 
     positions_of(rank) -> that rank's key positions (B, S_local) when the zigzag layout fixes them (no
     position messages, half-block cases); None: arbitrary positions, which travel with their block."""
-    return RingTapaAttention.apply(q, k, v, q_pos, k_pos, group, positions_of, partial_forward, partial_backward)
+    return RingAttention.apply(q, k, v, q_pos, k_pos, group, positions_of, partial_forward, partial_backward)

@@ -33,17 +33,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, is_main_replica
-from megatron.core.dist_checkpointing.strategies.base import SaveShardedStrategy
-from megatron.core.dist_checkpointing.strategies.torch import (
-    MCoreSavePlanner,
-    _replace_state_dict_keys_with_sharded_keys,
-    mcore_to_pyt_state_dict,
-)
-
+from tapa_megatron.megatron_compat import save_strategy
 from tapa_megatron.train.errors import RunError
 
 MARKER = "tapa_complete.json"
@@ -52,25 +45,6 @@ DAMAGED_SUFFIX = ".damaged"  # a checkpoint that failed verification, set aside 
 REMOVING_SUFFIX = ".removing"  # an old checkpoint being deleted by the rotation
 CHECKPOINT_NAME = re.compile(r"step_(\d+)")
 MIB = 2**20
-
-
-class SynchronousTorchDistSave(SaveShardedStrategy):
-    """Megatron's torch_dist format written synchronously with torch.distributed.checkpoint.
-
-    Megatron's own torch_dist writer pins memory and calls torch.cuda.synchronize(), which a CPU-only
-    PyTorch cannot; this strategy writes the same format (Megatron's loader reads it) without CUDA.
-    """
-
-    def __init__(self):
-        super().__init__("torch_dist", 1)
-
-    def save(self, sharded_state_dict, checkpoint_dir):
-        state, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, True)
-        dcp.save(mcore_to_pyt_state_dict(state, False), storage_writer=dcp.FileSystemWriter(checkpoint_dir),
-                 planner=MCoreSavePlanner(flatten_state_dict=False))
-
-    def can_handle_sharded_objects(self):
-        return True
 
 
 def checkpoint_name(step):
@@ -368,14 +342,13 @@ def save_checkpoint(run_dir, step, model, engine, consumed_samples, config_dict,
                  train_state={"step": step, "consumed_samples": consumed_samples})
     if identity is not None:
         state["identity"] = identity
-    strategy = None if torch.cuda.is_available() else SynchronousTorchDistSave()
     try:
         if dist.get_rank() == 0:
             if partial.exists():
                 shutil.rmtree(partial)
             partial.mkdir()
         dist.barrier()
-        dist_checkpointing.save(state, str(partial), sharded_strategy=strategy)
+        dist_checkpointing.save(state, str(partial), sharded_strategy=save_strategy())
         dist.barrier()
         checksums = file_checksums(partial)
         failure = None
@@ -443,8 +416,13 @@ def load_common(path):
     return dist_checkpointing.load_common_state_dict(str(path))
 
 
-def load_checkpoint(path, model, engine, with_optimizer=True, report=print):
+def load_checkpoint(path, model, engine, with_optimizer=True, with_schedule=True, report=print):
     """Load model (and optimizer, scheduler, RNG) state. Returns the train_state dict.
+
+    with_optimizer=False (an extension): weights only, and the optimizer refreshes its own copies of
+    them (Megatron's mixed-precision optimizers keep fp32 main params made at construction).
+    with_schedule=False: the optimizer state but not the lr schedule's position (an extension that
+    keeps the moments but starts the recipe's schedule at step 0).
 
     Model and optimizer state reshard to this rank's layout; RNG states are per rank and are restored
     only when the layout is the one they were saved at."""
@@ -463,6 +441,9 @@ def load_checkpoint(path, model, engine, with_optimizer=True, report=print):
                          f"unexpected {result.unexpected_keys[:5]}")
     if with_optimizer:
         engine.load_optimizer_state_dict(loaded["optimizer"])
+    else:
+        engine.reload_model_params()
+    if with_optimizer and with_schedule:
         engine.scheduler.load_state_dict(loaded["scheduler"])
     if with_rng:
         rng = loaded["rng_state"]

@@ -46,6 +46,8 @@ class TrainingConfig:
     log_every: int = 1
     tensorboard: bool = True
     skip_nonfinite_steps: int = 0  # NaN/Inf steps skipped (not applied, logged) per job before stopping (guard.py)
+    eval_every: int = 0  # validation loss every this many steps and at the end (0: never); evaluate.py
+    eval_iters: int = 4  # held-out global batches per validation (the same ones each time)
 
 
 @dataclass
@@ -59,6 +61,12 @@ class CheckpointConfig:
 
 
 @dataclass
+class LoggingConfig:
+    wandb: bool = False  # also log to Weights & Biases (pip install 'tapa-megatron[wandb]'; WANDB_MODE=offline works)
+    wandb_project: str = "tapa-megatron"
+
+
+@dataclass
 class RunConfig:
     name: str = "run"
     run_dir: str = "runs/run"
@@ -68,6 +76,7 @@ class RunConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     description: str = ""
     sized_for: str = ""  # the hardware a recipe was sized for, e.g. "2 cores, CPU" or "64x H100 80GB"
 
@@ -84,6 +93,9 @@ class RunConfig:
         if t.steps > 0 and self.optimizer.warmup_steps >= t.steps:
             raise ValueError(f"optimizer.warmup_steps={self.optimizer.warmup_steps} must be below "
                              f"training.steps={t.steps}.")
+        if t.eval_every < 0 or t.eval_iters < 1:
+            raise ValueError(f"training.eval_every={t.eval_every} must be 0 (off) or more and "
+                             f"training.eval_iters={t.eval_iters} at least 1.")
         if self.checkpoint.resume not in ("auto", "none"):
             raise ValueError(f"checkpoint.resume={self.checkpoint.resume!r} is unknown; use auto or none.")
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
+from megatron.core import parallel_state, tensor_parallel
 
 
 @dataclass
@@ -140,14 +140,15 @@ def check_layout(run_config, world_size):
     if p.sequence_parallel and not torch.cuda.is_available():
         raise ValueError("parallel.sequence_parallel needs Transformer Engine on GPU; Megatron's CPU norms "
                          "refuse it. Set parallel.sequence_parallel=false on CPU.")
+    if run_config.model.tie_embeddings and p.pipeline > 1 and not torch.cuda.is_available():
+        raise ValueError("model.tie_embeddings with parallel.pipeline > 1 needs CUDA: megatron-core moves the shared "
+                         "embedding to the GPU to synchronise it between the first and last stage. Set "
+                         "model.tie_embeddings=false or parallel.pipeline=1 on CPU.")
     if run_config.training.recompute and not torch.cuda.is_available():
         raise ValueError("training.recompute needs CUDA: megatron-core's activation checkpointing saves and restores "
                          "CUDA RNG state. On CPU leave it null (TAPA's torch path already recomputes attention "
                          "blocks in its backward).")
     if p.context > 1:
-        if run_config.model.position != "tapa":
-            raise ValueError("parallel.context > 1 is built for TAPA; train the RoPE and NoPE baselines with "
-                             "parallel.context=1.")
         if run_config.data.seq_length % (2 * p.context):
             raise ValueError(f"data.seq_length={run_config.data.seq_length} is not a multiple of 2 x parallel.context = "
                              f"{2 * p.context} (the load-balanced layout cuts each sequence into {2 * p.context} chunks).")
@@ -166,6 +167,8 @@ def setup_parallel(run_config):
         tensor_model_parallel_size=p.tensor, pipeline_model_parallel_size=p.pipeline, context_parallel_size=p.context
     )
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    if torch.cuda.is_available():  # the RNG tracker tensor-parallel regions and activation recompute fork from
+        tensor_parallel.model_parallel_cuda_manual_seed(run_config.training.seed)
     return ParallelEnv(rank=dist.get_rank(), world_size=world_size, data_parallel_size=data_parallel,
                        data_parallel_rank=parallel_state.get_data_parallel_rank(), device=device)
 

@@ -1,5 +1,10 @@
 """What a run shows while it trains: one console line per logged step (step, loss, lr, grad norm,
-tokens/s, TFLOP/s and MFU where the GPU's peak is known, ETA, a progress bar) and TensorBoard events."""
+tokens/s, TFLOP/s and MFU where the GPU's peak is known, ETA, a progress bar), validation losses, and
+TensorBoard / Weights & Biases scalars under Megatron-LM's names ("lm loss", "lm loss validation",
+"learning-rate", "grad-norm", "iteration-time", "throughput" in TFLOP/s per GPU, "mem-*-bytes"), plus
+"consumed-tokens" and "tokens-per-second"."""
+
+import math
 
 import time
 from pathlib import Path
@@ -34,7 +39,8 @@ def _duration(seconds):
 
 
 class Metrics:
-    def __init__(self, run_dir, total_steps, tokens_per_step, flops_per_step, world_size, enabled, tensorboard=True):
+    def __init__(self, run_dir, total_steps, tokens_per_step, flops_per_step, world_size, enabled, tensorboard=True,
+                 wandb=None):
         self.total_steps, self.tokens_per_step, self.flops_per_step = total_steps, tokens_per_step, flops_per_step
         self.world_size, self.enabled = world_size, enabled
         self.peak = peak_tflops()
@@ -43,6 +49,7 @@ class Metrics:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+        self.wandb = wandb if enabled else None  # a wandb Run (see wandb_run), or None
         self.last_time = None
         self.history = []
 
@@ -66,11 +73,45 @@ class Metrics:
         print(f"{_bar(step, self.total_steps)} step {step}/{self.total_steps} | loss {loss:.4f} | lr {lr:.3g} | "
               f"grad norm {grad_norm:.3f} | {tokens_per_s:,.0f} tok/s | {tflops:.3f} TFLOP/s{mfu} | ETA {eta}",
               flush=True)
-        if self.writer:
-            for key in ("loss", "lr", "grad_norm", "tokens_per_s"):
-                self.writer.add_scalar(f"train/{key}", record[key], step)
+        scalars = {"lm loss": loss, "learning-rate": lr, "grad-norm": grad_norm, "iteration-time": seconds_per_step,
+                   "throughput": tflops / self.world_size, "tokens-per-second": tokens_per_s,
+                   "consumed-tokens": step * self.tokens_per_step}
+        if torch.cuda.is_available():
+            scalars["mem-allocated-bytes"] = torch.cuda.memory_allocated()
+            scalars["mem-max-allocated-bytes"] = torch.cuda.max_memory_allocated()
+            scalars["mem-reserved-bytes"] = torch.cuda.memory_reserved()
+        self._write(scalars, step)
         return record
+
+    def log_validation(self, step, loss):
+        if not self.enabled:
+            return
+        ppl = math.exp(min(loss, 20.0))  # capped like Megatron-LM's, so an early huge loss stays printable
+        print(f"[validation] step {step}/{self.total_steps} | lm loss validation {loss:.4f} | ppl {ppl:.2f}",
+              flush=True)
+        self._write({"lm loss validation": loss, "lm loss validation ppl": ppl}, step)
+
+    def _write(self, scalars, step):
+        if self.writer:
+            for key, value in scalars.items():
+                self.writer.add_scalar(key, value, step)
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
 
     def close(self):
         if self.writer:
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def wandb_run(logging_cfg, run_dir, name, config_dict):
+    """A Weights & Biases run when logging.wandb is set (rank 0 only); its files go under RUN_DIR/wandb.
+    WANDB_MODE=offline works without a network (`wandb sync` uploads later)."""
+    if not logging_cfg.wandb:
+        return None
+    try:
+        import wandb
+    except ImportError:
+        raise SystemExit("logging.wandb=true needs the wandb package: pip install 'tapa-megatron[wandb]'") from None
+    return wandb.init(project=logging_cfg.wandb_project, name=name, dir=str(run_dir), config=config_dict)

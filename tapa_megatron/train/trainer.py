@@ -5,7 +5,8 @@ resume or extension start, data, then steps with logging and checkpoints.
     result = train(run_config)      # in every rank of a torchrun / srun / MPI / spawn launch, or alone
 """
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -16,12 +17,13 @@ from tapa_megatron.config import dump_yaml, to_dict
 from tapa_megatron.data.dataset import build_datasets
 from tapa_megatron.data.tokenizer import load_tokenizer
 from tapa_megatron.model import build_gpt_model, transformer_config
-from tapa_megatron.train import checkpoint, compat
+from tapa_megatron.train import checkpoint, compat, summary
 from tapa_megatron.train.batches import micro_batches
 from tapa_megatron.train.distributed import setup_parallel, teardown_parallel
 from tapa_megatron.train.engine import build_engine
+from tapa_megatron.train.evaluate import validation_loss
 from tapa_megatron.train.guard import NonFiniteGuard
-from tapa_megatron.train.metrics import Metrics, flops_per_token
+from tapa_megatron.train.metrics import Metrics, flops_per_token, wandb_run
 
 VOCAB_MULTIPLE = 128  # the embedding is padded so every tensor-parallel rank gets an equal, aligned slice
 
@@ -32,6 +34,7 @@ class TrainResult:
     final_checkpoint: Path | None
     start_step: int
     preempted: bool = False  # stopped early on stop_requested, with a checkpoint: run again to continue
+    validation: list = field(default_factory=list)  # (step, validation loss) for every evaluation this call ran
 
 
 def padded_vocab_size(vocab_size, tensor_parallel):
@@ -42,6 +45,16 @@ def padded_vocab_size(vocab_size, tensor_parallel):
 def _precision(cfg):
     bf16 = cfg.training.precision == "bf16" or (cfg.training.precision == "auto" and torch.cuda.is_available())
     return torch.bfloat16 if bf16 else torch.float32
+
+
+def run_transformer_config(cfg, dtype):
+    """Megatron's TransformerConfig for this run's model and layout. Sequence parallelism splits the
+    tensor-parallel region, so it is on only where TP > 1 (TransformerConfig refuses it at TP = 1)."""
+    p = cfg.parallel
+    return transformer_config(cfg.model, tensor_parallel=p.tensor, pipeline_parallel=p.pipeline,
+                              context_parallel=p.context, cp_comm_type=p.context_comm,
+                              sequence_parallel=p.sequence_parallel and p.tensor > 1, params_dtype=dtype,
+                              bf16=dtype == torch.bfloat16, recompute=cfg.training.recompute)
 
 
 def train(cfg, report=print, stop_requested=None):
@@ -73,11 +86,7 @@ def _train(cfg, env, say, stop_requested):
     tokenizer = load_tokenizer(Path(cfg.data.path) / "tokenizer.json")
     vocab_size = padded_vocab_size(cfg.model.vocab_size or tokenizer.vocab_size, cfg.parallel.tensor)
     dtype = _precision(cfg)
-    config = transformer_config(cfg.model, tensor_parallel=cfg.parallel.tensor,
-                                pipeline_parallel=cfg.parallel.pipeline, context_parallel=cfg.parallel.context,
-                                cp_comm_type=cfg.parallel.context_comm,
-                                sequence_parallel=cfg.parallel.sequence_parallel, params_dtype=dtype,
-                                bf16=dtype == torch.bfloat16, recompute=cfg.training.recompute)
+    config = run_transformer_config(cfg, dtype)
     torch.manual_seed(cfg.training.seed)
     model = build_gpt_model(cfg.model, config, vocab_size=vocab_size, max_sequence_length=cfg.data.seq_length,
                             pre_process=parallel_state.is_pipeline_first_stage(),
@@ -101,7 +110,7 @@ def _train(cfg, env, say, stop_requested):
             say(line)
         say(f"[extend] starting from {source}")
         checkpoint.load_checkpoint(source, model, engine, with_optimizer=not cfg.checkpoint.reset_optimizer,
-                                   report=say)
+                                   with_schedule=False, report=say)
         if cfg.checkpoint.reset_optimizer:
             say("[extend] weights loaded; optimizer and lr schedule start afresh")
 
@@ -110,8 +119,12 @@ def _train(cfg, env, say, stop_requested):
     samples = max(t.steps * t.global_batch_size, 1)
     if env.rank != 0:
         dist.barrier()  # rank 0 writes megatron's index cache first; the others then read it
-    train_ds, _ = build_datasets(cfg.data.path, tokenizer, seq, cfg.data.seed, samples, 1,
-                                 split=cfg.data.split)
+    valid_samples = t.eval_iters * t.global_batch_size if t.eval_every else 1
+    train_ds, valid_ds = build_datasets(cfg.data.path, tokenizer, seq, cfg.data.seed, samples, valid_samples,
+                                        split=cfg.data.split)
+    if t.eval_every and valid_ds is None:
+        raise SystemExit(f"training.eval_every={t.eval_every} needs a validation share in data.split "
+                         f"(now {cfg.data.split!r}), e.g. data.split=98,2,0; or set training.eval_every=0.")
     if env.rank == 0:
         dist.barrier()
 
@@ -119,13 +132,28 @@ def _train(cfg, env, say, stop_requested):
     num_params = cfg.model.num_parameters(vocab_size)
     metrics = Metrics(run_dir, t.steps, tokens_per_step,
                       tokens_per_step * flops_per_token(num_params, cfg.model.num_layers, cfg.model.hidden_size, seq),
-                      env.world_size, enabled=env.is_logging_rank, tensorboard=t.tensorboard)
+                      env.world_size, enabled=env.is_logging_rank, tensorboard=t.tensorboard,
+                      wandb=wandb_run(cfg.logging, run_dir, cfg.name, to_dict(cfg)) if env.is_logging_rank else None)
     say(f"[train] {cfg.name}: {num_params / 1e6:.2f}M parameters, {cfg.model.position}, seq {seq}, "
         f"global batch {t.global_batch_size}, world {env.world_size} (tp {cfg.parallel.tensor}, "
         f"pp {cfg.parallel.pipeline}, cp {cfg.parallel.context}, dp {env.data_parallel_size}), "
         f"steps {start_step}..{t.steps}")
 
     last_step = t.steps if t.exit_after_steps is None else min(t.steps, start_step + t.exit_after_steps)
+    if latest is not None and start_step >= t.steps:
+        say(summary.already_finished_line(cfg.name, t.steps, latest))
+        metrics.close()
+        return TrainResult(losses=[], final_checkpoint=latest, start_step=start_step)
+
+    def evaluate(step):
+        loss = validation_loss(engine, model, valid_ds, cfg, env, (local_seq, micro, cfg.model.hidden_size), dtype)
+        validation.append((step, loss))
+        metrics.log_validation(step, loss)
+        if env.is_logging_rank:
+            summary.record_validation(run_dir, step, loss)
+
+    validation = []
+    started = time.perf_counter()
     guard, identity = NonFiniteGuard(cfg, env.device, report=say), compat.identity(tokenizer, vocab_size)
     losses = []
     preempted = False
@@ -146,6 +174,8 @@ def _train(cfg, env, say, stop_requested):
             say(f"[preempt] stop requested: every rank stops after step {done} and checkpoints it")
             last_step, preempted = done, True
             break
+        if t.eval_every and (done % t.eval_every == 0 or done == t.steps):
+            evaluate(done)
         if cfg.checkpoint.save_every and done % cfg.checkpoint.save_every == 0 and done < last_step:
             checkpoint.save_checkpoint(run_dir, done, model, engine, done * t.global_batch_size, to_dict(cfg),
                                        keep=cfg.checkpoint.keep, report=say, identity=identity)
@@ -155,5 +185,11 @@ def _train(cfg, env, say, stop_requested):
         reason = "preempted" if preempted else "training.exit_after_steps"
         say(f"[train] stopped after step {last_step} of {t.steps} ({reason}); "
             "run again with checkpoint.resume=auto to continue")
+    if env.is_logging_rank:
+        for line in summary.summary_lines(cfg.name, start_step, last_step, t.steps, tokens_per_step,
+                                          time.perf_counter() - started, losses[-1][1] if losses else None,
+                                          run_dir, final):
+            say(line)
     metrics.close()
-    return TrainResult(losses=losses, final_checkpoint=final, start_step=start_step, preempted=preempted)
+    return TrainResult(losses=losses, final_checkpoint=final, start_step=start_step, preempted=preempted,
+                       validation=validation)

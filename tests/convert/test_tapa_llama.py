@@ -14,10 +14,11 @@ from tests.convert.tiny import VOCAB, megatron_logits, tiny_llama, tokens
 
 @pytest.fixture(scope="module")
 def tapa_export(tmp_path_factory):
-    """A tiny Llama converted to TAPA (alpha 0.2, theta 0.25), then exported: (checkpoint dir, HF dir)."""
+    """A tiny Llama converted to TAPA (alpha 0.2, theta 0.25, phase scale 1 rather than the paper's 2 pi), then
+    exported: (checkpoint dir, HF dir)."""
     root = tmp_path_factory.mktemp("tapa")
     tiny_llama(root / "hf", tie_word_embeddings=True)
-    settings = TapaSettings(alpha=0.2, theta=0.25, phase="quadratic")
+    settings = TapaSettings(alpha=0.2, theta=0.25, phase="quadratic", phase_scale=1.0)
     hf_to_megatron.convert(root / "hf", root / "ckpt", position="tapa", tapa=settings)
     megatron_to_hf.convert(root / "ckpt", root / "tapa_hf")
     return root / "ckpt", root / "tapa_hf"
@@ -59,7 +60,8 @@ def test_exported_tapa_llama_equals_our_megatron_model(tapa_export, tapa_model):
     torch.testing.assert_close(logits, megatron_logits(tapa_export[0], ids)[..., :VOCAB], rtol=1e-5, atol=1e-5)
     assert type(tapa_model).__module__.startswith("transformers_modules.")  # the code shipped in the directory
     config = AutoConfig.from_pretrained(tapa_export[1], trust_remote_code=True)
-    assert (config.tapa_alpha, config.tapa_theta, config.tie_word_embeddings) == (0.2, 0.25, True)
+    assert (config.tapa_alpha, config.tapa_theta, config.tapa_phase_scale, config.tie_word_embeddings) == \
+        (0.2, 0.25, 1.0, True)
 
 
 def test_registered_auto_classes_load_without_remote_code(tapa_export, tapa_model):

@@ -43,6 +43,41 @@ def test_tapa_core_attention_equals_the_op():
     torch.testing.assert_close(out, expected.transpose(0, 1).reshape(24, 2, 128), rtol=0, atol=0)
 
 
+def _tapa_formula(q, k, v, *, alpha, amp_dim, phase, phase_scale):
+    """Causal TAPA in float64 as the paper writes it, with the angle's factor free: q (S, H, D), k, v (S, H, D)."""
+    qa, qp, ka, kp = q[..., :amp_dim], q[..., amp_dim:], k[..., :amp_dim], k[..., amp_dim:]
+    amplitude = torch.einsum("mhd,nhd->hmn", qa, ka) / math.sqrt(amp_dim)
+    if phase == "quadratic":
+        phi = torch.einsum("mhd,nhd->hmn", qp, kp) / math.sqrt(qp.shape[-1])
+    else:
+        phi = (qp.sum(-1).T[:, :, None] + kp.sum(-1).T[:, None, :]) / math.sqrt(qp.shape[-1])
+    positions = torch.arange(q.shape[0], dtype=torch.float64)
+    distance = (positions[:, None] - positions[None, :]).abs()
+    scores = amplitude * torch.cos(phase_scale * distance.pow(alpha) * phi)
+    scores = scores.masked_fill(positions[None, :] > positions[:, None], float("-inf"))
+    return torch.einsum("hmn,nhd->mhd", scores.softmax(-1), v)
+
+
+@pytest.mark.parametrize("phase", ["quadratic", "linear"])
+@pytest.mark.parametrize("phase_scale", [1.0, 2 * math.pi, 20.0])
+def test_tapa_phase_scale_sets_the_angle(phase, phase_scale):
+    """model.tapa.phase_scale replaces the paper's 2 pi in cos(2 pi |m-n|^alpha phi) (oracle: the formula in
+    float64), in the layer and in pair_scores (the distance-bias probe)."""
+    model = tiny(tapa=TapaSettings(alpha=0.3, theta=0.5, phase=phase, phase_scale=phase_scale, backend="reference"))
+    attn = core_attention(TapaCoreAttention, model)
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(12, 1, 2, 32, generator=gen, dtype=torch.float64) for _ in range(3))
+    out = attn(q, k, v, None).reshape(12, 2, 32)
+    expected = _tapa_formula(q[:, 0], k[:, 0], v[:, 0], alpha=0.3, amp_dim=16, phase=phase, phase_scale=phase_scale)
+    torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-9)
+    pos = torch.tensor([7, 3])
+    pair = attn.pair_scores(q[[0, 1], 0, 0], k[[0, 1], 0, 0], pos, torch.tensor([0, 0]))
+    qp, kp = q[[0, 1], 0, 0, 16:], k[[0, 1], 0, 0, 16:]
+    phi = (qp * kp).sum(-1) / 4 if phase == "quadratic" else (qp.sum(-1) + kp.sum(-1)) / 4
+    amplitude = (q[[0, 1], 0, 0, :16] * k[[0, 1], 0, 0, :16]).sum(-1) / 4
+    torch.testing.assert_close(pair, amplitude * torch.cos(phase_scale * pos.double().pow(0.3) * phi))
+
+
 def test_tapa_core_attention_on_packed_documents():
     attn = core_attention(TapaCoreAttention, tiny())
     gen = torch.Generator().manual_seed(1)
@@ -152,6 +187,7 @@ def test_spec_replaces_only_core_attention():
     (dict(position="alibi"), "model.position='alibi' is unknown"),
     (dict(num_attention_heads=3), "not divisible by num_attention_heads"),
     (dict(num_query_groups=3), "not divisible by num_query_groups"),
+    (dict(tapa=TapaSettings(phase_scale=0.0)), "model.tapa.phase_scale=0.0 must be a finite number > 0"),
 ])
 def test_model_config_errors(overrides, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
@@ -162,3 +198,37 @@ def test_presets_have_llama3_shapes():
     assert ModelConfig(preset="8b").num_parameters(128256) == pytest.approx(8.03e9, rel=0.01)
     assert ModelConfig(preset="70b").num_parameters(128256) == pytest.approx(70.6e9, rel=0.01)
     assert ModelConfig(preset="8b").head_dim == 128
+
+
+@pytest.mark.parametrize("rope", [
+    dict(), dict(base=2e8), dict(scaling="pi", factor=4.0), dict(scaling="yarn", factor=4.0, original_max_position=16),
+    None,  # NoPE
+])
+def test_megatron_rotary_stack_equals_ours(megatron_single_rank, rope, monkeypatch):
+    """The GPU baselines' stack: GPTModel's own RotaryEmbedding / YarnRotaryEmbedding, built from our config,
+    and the spec's own core attention (Transformer Engine's on GPU). Its rotation of q and k, by
+    Megatron's code (the embedding, apply_rotary_pos_emb and the YaRN temperature its Attention applies),
+    equals our core attention's, in float64: plain RoPE, base 2e8, PI, YaRN; NoPE rotates nothing."""
+    from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
+        _yarn_get_concentration_factor_from_config,
+    )
+
+    from tapa_megatron.model import RopeSettings
+
+    # Megatron's rotary embeddings move their frequencies to "the current CUDA device" on first use:
+    # on this CPU machine that device is the CPU.
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: "cpu")
+    model_cfg = tiny(position="none") if rope is None else tiny(position="rope", rope=RopeSettings(**rope))
+    config = transformer_config(model_cfg)
+    megatron = build_gpt_model(model_cfg, config, vocab_size=97, max_sequence_length=64, megatron_positions=True)
+    assert not isinstance(megatron.decoder.layers[0].self_attention.core_attention, SoftmaxCoreAttention)
+    ours = core_attention(SoftmaxCoreAttention, model_cfg)
+    x = torch.randn(48, 2, 4, 32, dtype=torch.float64)  # [s, b, h, D]
+    expected = ours._rotate(x.transpose(0, 1), torch.arange(48).expand(2, -1)).transpose(0, 1)
+    if rope is None:
+        assert not hasattr(megatron, "rotary_pos_emb") and torch.equal(expected, x)
+        return
+    emb = megatron.rotary_pos_emb(48)
+    emb = emb[0] if isinstance(emb, tuple) else emb  # YaRN's returns (emb, its temperature); Attention uses the config's
+    actual = apply_rotary_pos_emb(x, emb.double(), config=config, mscale=_yarn_get_concentration_factor_from_config(config))
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)  # both take fp32 angles

@@ -1,10 +1,12 @@
-"""Context-parallel TAPA attention on real gloo process groups against the single-process op."""
+"""Context-parallel attention on real gloo process groups against the single-process op: TAPA's, and
+for the baselines' softmax score PyTorch's own scaled_dot_product_attention."""
 
 import itertools
 
 import pytest
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from tests.distributed import run_ranks
 
@@ -15,10 +17,37 @@ CASES = [  # (comm, dtype, heads_q, heads_kv, phase, packed, seq or document len
     ("p2p", torch.float64, 8, 2, "linear", False, [1]),  # one token per chunk: the edge of the layout rule
     ("a2a", torch.float64, 8, 2, "quadratic", True, [1, 1]),
 ]
+# The baselines' plain softmax score ("phase" None): the same schemes, layouts and GQA shapes.
+SOFTMAX_CASES = [
+    *[(comm, torch.float64, 4, 2, None, False, [3]) for comm in ("p2p", "all_gather", "a2a")],
+    *[(comm, torch.float64, 4, 1, None, True, [1, 3, 2]) for comm in ("p2p", "all_gather", "a2a")],
+    ("p2p", torch.float32, 4, 4, None, False, [2]),
+]
+
+
+def _sdpa(q, k, v):
+    """PyTorch's causal attention on (B, S, H, D) tensors: the oracle for the softmax score."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                         enable_gqa=q.shape[2] != k.shape[2])
+    return out.transpose(1, 2)
+
+
+def _single_process(q, k, v, cu, lengths, phase):
+    """The unsharded result: TAPA's op, or (phase None) SDPA one document at a time."""
+    from tapa_megatron.ops import tapa_attention, tapa_attention_varlen
+
+    if phase is None:
+        if cu is None:
+            return _sdpa(q, k, v)
+        bounds = cu.tolist()
+        return torch.cat([_sdpa(q[None, a:b], k[None, a:b], v[None, a:b])[0] for a, b in zip(bounds, bounds[1:])])
+    options = dict(alpha=0.1, theta=0.5, phase=phase, backend="torch")
+    if cu is None:
+        return tapa_attention(q, k, v, **options)
+    return tapa_attention_varlen(q, k, v, cu, cu, max(lengths), max(lengths), **options)
 
 
 def _compare(rank, world_size, cases):
-    from tapa_megatron.ops import tapa_attention, tapa_attention_varlen
     from tapa_megatron.parallel import context_parallel_attention, layout
 
     group = dist.new_group(list(range(world_size)))
@@ -32,13 +61,12 @@ def _compare(rank, world_size, cases):
         k = torch.randn(*shape, heads_kv, 64, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
         v = torch.randn(*shape, heads_kv, 64, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
         d_out = torch.randn(q.shape, generator=gen, dtype=torch.float64).to(dtype)
-        options = dict(alpha=0.1, theta=0.5, phase=phase, backend="torch")
-        if packed:
-            cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
-            full = tapa_attention_varlen(q, k, v, cu, cu, max(lengths), max(lengths), **options)
+        if phase is None:
+            options = dict(score="softmax")
         else:
-            cu = None
-            full = tapa_attention(q, k, v, **options)
+            options = dict(alpha=0.1, theta=0.5, phase=phase, backend="torch")
+        cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32) if packed else None
+        full = _single_process(q, k, v, cu, lengths, phase)
         expected = torch.autograd.grad((full * d_out).sum(), (q, k, v))
         dim = 0 if packed else 1
 
@@ -60,6 +88,12 @@ def _compare(rank, world_size, cases):
 @pytest.mark.parametrize("cp_size", [2, 4])
 def test_every_scheme_matches_the_single_process_op(cp_size):
     errors = run_ranks(cp_size, _compare, CASES)
+    assert errors == [[]] * cp_size
+
+
+@pytest.mark.parametrize("cp_size", [2, 4])
+def test_every_scheme_matches_sdpa_with_the_softmax_score(cp_size):
+    errors = run_ranks(cp_size, _compare, SOFTMAX_CASES)
     assert errors == [[]] * cp_size
 
 
@@ -89,7 +123,7 @@ def _errors(rank, world_size):
     group = dist.new_group(list(range(world_size)))
     messages = []
     for kwargs in (dict(q=torch.randn(1, 3, 4, 64)), dict(q=torch.randn(1, 4, 3, 64), comm="a2a"),
-                   dict(q=torch.randn(1, 4, 4, 64), comm="ring")):
+                   dict(q=torch.randn(1, 4, 4, 64), comm="ring"), dict(q=torch.randn(1, 4, 4, 64), score="alibi")):
         q = kwargs.pop("q")
         k = torch.randn(*q.shape[:2], 1, 64)
         try:
@@ -104,3 +138,4 @@ def test_clear_errors():
     assert "sequence length 6 is not a multiple of 2 x context-parallel size = 4" in messages[0]
     assert "3 query heads are not divisible by the context-parallel size 2" in messages[1]
     assert "comm='ring' is unknown" in messages[2]
+    assert "score='alibi' is unknown; use one of ('tapa', 'softmax')" in messages[3]

@@ -11,7 +11,7 @@ import torch
 import torch.distributed.checkpoint.filesystem as dcp_filesystem
 from megatron.core import dist_checkpointing  # noqa: F401 - imported once, in the fork server
 
-from tapa_megatron.train import checkpoint, pipeline, trainer
+from tapa_megatron.train import checkpoint, engine, trainer
 from tapa_megatron.train.errors import RunError
 
 KILL_POINTS = {
@@ -120,20 +120,20 @@ def _install_kill(point, step):
 
 def _install_nan(steps, ranks=None):
     """Make the loss and every gradient NaN at the given steps (1-based), on the given ranks (default all)."""
-    real, calls = pipeline.forward_backward, {"n": 0}
+    real, calls = engine.PortableEngine.forward_backward, {"n": 0}
 
-    def forward_backward(model, *args, **kwargs):
-        loss = real(model, *args, **kwargs)
+    def forward_backward(self, micro_batches):
+        logs = real(self, micro_batches)
         calls["n"] += 1
         rank = torch.distributed.get_rank()
         if calls["n"] in steps and (ranks is None or rank in ranks):
-            for param in model.parameters():
+            for param in self.model.parameters():
                 if param.grad is not None:
                     param.grad.fill_(math.nan)
-            loss = loss * math.nan if loss is not None else None
-        return loss
+            logs = [{"lm loss": log["lm loss"] * math.nan} for log in logs]
+        return logs
 
-    pipeline.forward_backward = forward_backward
+    engine.PortableEngine.forward_backward = forward_backward
 
 
 def train(cfg, kill=None, nan_steps=(), nan_ranks=None):

@@ -87,8 +87,6 @@ CATALOGUE = [
      "model.num_layers=2 is not divisible by parallel.pipeline=3", 1),
     ("recompute on CPU", train("training.recompute=full"), "training.recompute needs CUDA", 1),
     ("sequence parallel on CPU", train("parallel.sequence_parallel=true"), "needs Transformer Engine", 1),
-    ("context parallel RoPE", [*train("parallel.context=2", "model.position=rope"), "--nproc", "2"],
-     "parallel.context > 1 is built for TAPA", 1),
     # the data
     ("data directory missing", train(data="{nowhere}"), "data.path={nowhere} does not exist", 1),
     ("data.path not set", train(data=""), "data.path is not set", 1),

@@ -77,3 +77,33 @@ def test_paper_settings_in_the_8b_recipes():
     assert (pi.scaling, pi.factor * pi.original_max_position) == ("pi", 65536)  # PI to 64K
     assert (yarn.scaling, yarn.factor, yarn.base) == ("yarn", 8.0, 500000.0)
     assert load_config(RunConfig, RECIPES_DIR / "llama3-8b-128k-extend.yaml").parallel.context > 1
+
+
+TWINS = {  # suffix: (position, rope base, rope scaling) of a TAPA extension recipe's baseline twins
+    "rope": ("rope", 5e5, "none"), "rope-b2e8": ("rope", 2e8, "none"), "pi": ("rope", 5e5, "pi"),
+    "yarn": ("rope", 5e5, "yarn"), "nope": ("none", None, None),
+}
+
+
+def test_every_extension_recipe_has_baseline_twins_with_its_layout_and_batch():
+    from tapa_megatron.plan.search import plan
+
+    extensions = [path for path in sorted(RECIPES_DIR.glob("llama3-*-extend.yaml"))]
+    assert len(extensions) >= 3
+    for path in extensions:
+        tapa_run = load_config(RunConfig, path)
+        assert tapa_run.model.position == "tapa", path
+        for suffix, (position, base, scaling) in TWINS.items():
+            twin = load_config(RunConfig, RECIPES_DIR / f"{path.stem}-{suffix}.yaml")
+            assert (twin.parallel, twin.training, twin.data, twin.optimizer, twin.sized_for) == \
+                (tapa_run.parallel, tapa_run.training, tapa_run.data, tapa_run.optimizer, tapa_run.sized_for), twin.name
+            assert twin.model.position == position and twin.model.preset == tapa_run.model.preset, twin.name
+            if position == "rope":
+                assert (twin.model.rope.base, twin.model.rope.scaling) == (base, scaling), twin.name
+            # the layout is one `tapa plan` finds fitting on the GPUs the recipe names
+            p, t = twin.parallel, twin.training
+            gpus = int(twin.sized_for.split("x")[0])
+            fitting = plan(twin.model, twin.data.seq_length, gpus, micro_batch=t.micro_batch_size,
+                           recompute=t.recompute == "full", cp_comm=p.context_comm)
+            layouts = [(c.layout.tp, c.layout.cp, c.layout.pp) for c in fitting]
+            assert (p.tensor, p.context, p.pipeline) in layouts, twin.name

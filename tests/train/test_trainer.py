@@ -93,6 +93,32 @@ def test_parallel_layouts_match_single_process(layout, novels_data, initial_chec
             assert grad_norm == pytest.approx(ref_norm, rel=1e-4), (layout, step)
 
 
+BASELINE = ["checkpoint.allow_mismatch=[position]", "model.position=rope", "model.rope.scaling=yarn", "model.rope.factor=4", "model.rope.original_max_position=8"]
+BASELINE_LAYOUTS = {  # RoPE (YaRN, whose ramp and temperature both act at this length) under context parallelism
+    "cp2-ring": (2, ["parallel.context=2"]),
+    "cp2xtp2-a2a": (4, ["parallel.context=2", "parallel.tensor=2", "parallel.context_comm=a2a"]),
+}
+
+
+@pytest.fixture(scope="module")
+def baseline_single_process(novels_data, initial_checkpoint, tmp_path_factory):
+    cfg = run_config(tmp_path_factory.mktemp("baseline"), novels_data, f"checkpoint.init_from={initial_checkpoint}",
+                     *BASELINE)
+    return run_ranks(1, _train, cfg)[0]
+
+
+@pytest.mark.parametrize("layout", BASELINE_LAYOUTS)
+def test_rope_baseline_under_context_parallelism_matches_single_process(layout, novels_data, initial_checkpoint,
+                                                                        baseline_single_process, tmp_path):
+    processes, overrides = BASELINE_LAYOUTS[layout]
+    cfg = run_config(tmp_path, novels_data, f"checkpoint.init_from={initial_checkpoint}", *BASELINE, *overrides)
+    expected = baseline_single_process[0]
+    for losses, _ in run_ranks(processes, _train, cfg):
+        for (step, loss, grad_norm), (_, ref_loss, ref_norm) in zip(losses, expected, strict=True):
+            assert loss == pytest.approx(ref_loss, rel=1e-5), (layout, step)
+            assert grad_norm == pytest.approx(ref_norm, rel=1e-4), (layout, step)
+
+
 def test_resume_is_exact(novels_data, initial_checkpoint, single_process, tmp_path):
     """Stop after 2 steps, resume: the same losses, bitwise, and the same final weights as one go."""
     cfg = run_config(tmp_path, novels_data, f"checkpoint.init_from={initial_checkpoint}",

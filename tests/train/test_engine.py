@@ -1,0 +1,227 @@
+"""The engines against independent oracles: Megatron-Core's own schedule with our forward step and loss
+function gives the single-process gradients at CP=2 and DP=2 (gloo); the LR schedule after resume and
+after init_from is the recipe's; a weights-only load refreshes the optimizer's copies of the weights."""
+
+import inspect
+import math
+
+import pytest
+import torch
+
+from tapa_megatron.config import load_config
+from tapa_megatron.train import RunConfig
+from tests.distributed import run_ranks
+
+SEQ, VOCAB, SAMPLES, MICRO = 16, 256, 4, 1
+LAYOUTS = {"cp2": dict(context_parallel_size=2), "dp2": {}}
+
+
+def _cfg(*overrides):
+    return load_config(RunConfig, None, [f"data.seq_length={SEQ}", f"training.global_batch_size={SAMPLES}",
+                                         f"training.micro_batch_size={MICRO}", "model.num_layers=2", *overrides])
+
+
+def _samples():
+    """A fixed global batch: random tokens, the next token as label, every token counted."""
+    tokens = torch.randint(0, VOCAB, (SAMPLES, SEQ + 1), generator=torch.Generator().manual_seed(7))
+    return [dict(tokens=t[:-1], labels=t[1:], loss_mask=torch.ones(SEQ)) for t in tokens]
+
+
+def _model(cfg, context_parallel=1):
+    from tapa_megatron.model import build_gpt_model, transformer_config
+
+    torch.manual_seed(0)  # the same weights in every process
+    config = transformer_config(cfg.model, context_parallel=context_parallel)
+    return build_gpt_model(cfg.model, config, vocab_size=VOCAB, max_sequence_length=SEQ)
+
+
+def _reference_gradients(rank, world_size):
+    """The oracle: one process, plain autograd, mean over micro-batches of each one's mean token loss."""
+    from megatron.core import parallel_state
+
+    parallel_state.initialize_model_parallel()
+    try:
+        model = _model(_cfg())
+        samples = _samples()
+        for start in range(0, SAMPLES, MICRO):
+            batch = {k: torch.stack([s[k] for s in samples[start:start + MICRO]]) for k in samples[0]}
+            per_token = model(batch["tokens"], None, None, labels=batch["labels"])
+            (per_token.float().mean() / (SAMPLES // MICRO)).backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters()}
+    finally:
+        parallel_state.destroy_model_parallel()
+
+
+def _engine_gradients(rank, world_size, layout):
+    """PortableEngine's forward/backward: Megatron's forward_backward_no_pipelining, step.py's forward
+    step and loss, finalize_model_grads; plus the pipeline tensor shape Megatron's schedules would use."""
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel.schedules import get_tensor_shapes
+
+    from tapa_megatron.train import engine as engines
+    from tapa_megatron.train.batches import micro_batches
+
+    parallel_state.initialize_model_parallel(**LAYOUTS[layout])
+    try:
+        cp = parallel_state.get_context_parallel_world_size()
+        dp = parallel_state.get_data_parallel_world_size()
+        cfg = _cfg(f"parallel.context={cp}")
+        model = _model(cfg, context_parallel=cp)
+        engine = engines.PortableEngine(model, cfg, activation_shape=(SEQ // cp, MICRO, model.config.hidden_size),
+                                        dtype=torch.float32)
+        batches = micro_batches(_samples(), 0, cfg.training, dp, parallel_state.get_data_parallel_rank(), "cpu",
+                                context_parallel=cp)
+        logs = engine.forward_backward(batches)
+        seq_length, micro_batch_size = engines._schedule_lengths(cfg)
+        shapes = get_tensor_shapes(seq_length=seq_length, micro_batch_size=micro_batch_size, decoder_seq_length=None,
+                                   config=model.config, tp_group=parallel_state.get_tensor_model_parallel_group(),
+                                   cp_group=parallel_state.get_context_parallel_group())
+        local_activation = (batches[0]["tokens"].shape[1], MICRO, model.config.hidden_size)
+        loss = engines.step.global_mean_loss(logs, "cpu")
+        return {name: p.grad.clone() for name, p in model.named_parameters()}, loss, shapes, local_activation
+    finally:
+        parallel_state.destroy_model_parallel()
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return run_ranks(1, _reference_gradients)[0]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_megatron_schedule_gives_single_process_gradients(layout, reference):
+    """Bug 3: a 2-tuple (mean) loss is multiplied by the CP size in Megatron's schedule: 2x at CP=2."""
+    for grads, loss, shapes, local_activation in run_ranks(2, _engine_gradients, layout):
+        assert grads.keys() == reference.keys()
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, reference[name], rtol=1e-4, atol=1e-7, msg=f"{layout}: {name}")
+        assert math.isfinite(loss) and 4.0 < loss < 8.0  # about ln(256) = 5.5 at init
+        # Bug 5: the shape Megatron's pipeline schedules size their buffers with is the stage's real output.
+        assert shapes == [local_activation]
+
+
+def _scheduler(cfg):
+    from tapa_megatron.train.engine import lr_scheduler
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
+    scheduler = lr_scheduler(optimizer, cfg)
+    scheduler.step(0)
+    return scheduler, optimizer
+
+
+def test_resumed_lr_schedule_is_the_recipes():
+    """Bug 6: resuming with another lr / length follows the new recipe (Megatron's own scheduler, stepped
+    from 0 without a checkpoint, is the oracle); only the step count comes from the checkpoint."""
+    old, _ = _scheduler(_cfg("optimizer.lr=4e-4", "training.steps=10", "optimizer.warmup_steps=2"))
+    for _ in range(5):
+        old.step(1)
+    new_cfg = _cfg("optimizer.lr=2e-4", "training.steps=20", "optimizer.warmup_steps=2")
+    resumed, resumed_opt = _scheduler(new_cfg)
+    resumed.load_state_dict(old.state_dict())
+    fresh, fresh_opt = _scheduler(new_cfg)
+    for _ in range(5):
+        fresh.step(1)
+    assert resumed.num_steps == 5
+    assert resumed_opt.param_groups[0]["lr"] == pytest.approx(fresh_opt.param_groups[0]["lr"], rel=1e-12)
+    assert resumed.max_lr == 2e-4 and resumed.lr_decay_steps == 20
+
+
+class _Recording:
+    """The engine calls a load makes, around a real PortableEngine."""
+
+    def __init__(self, engine):
+        self.engine, self.calls = engine, []
+
+    def __getattr__(self, name):
+        attribute = getattr(self.engine, name)
+        if callable(attribute):
+            def record(*args, **kwargs):
+                self.calls.append(name)
+                return attribute(*args, **kwargs)
+            return record
+        return attribute
+
+
+def _load_sequence(rank, world_size, run_dir, restart):
+    """Save a trained checkpoint, then load it as an extension (weights only) or as a restart."""
+    from megatron.core import parallel_state
+
+    from tapa_megatron.train import checkpoint
+    from tapa_megatron.train.engine import PortableEngine
+
+    parallel_state.initialize_model_parallel()
+    try:
+        cfg = _cfg("optimizer.lr=1e-2", "training.steps=4")
+        model = _model(cfg)
+        engine = PortableEngine(model, cfg, (SEQ, MICRO, model.config.hidden_size), torch.float32)
+        from tapa_megatron.train.batches import micro_batches
+
+        for step in range(2):
+            engine.train_step(micro_batches(_samples(), 0, cfg.training, 1, 0, "cpu"))
+        path = checkpoint.save_checkpoint(run_dir, 2, model, engine, 8, {}, report=lambda *_: None)
+        later = _cfg("optimizer.lr=1e-2", "training.steps=8")
+        fresh = _model(later)
+        recording = _Recording(PortableEngine(fresh, later, (SEQ, MICRO, fresh.config.hidden_size), torch.float32))
+        checkpoint.load_checkpoint(path, fresh, recording, with_optimizer=restart, with_schedule=restart,
+                                   report=lambda *_: None)
+        same = all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values())
+                   if torch.is_tensor(a))
+        return recording.calls, same, recording.engine.scheduler.num_steps
+    finally:
+        parallel_state.destroy_model_parallel()
+
+
+def test_weights_only_load_refreshes_the_optimizer_copies(tmp_path):
+    """Bug 2: an extension (reset_optimizer) reloads the optimizer's main params from the loaded weights,
+    through the method Megatron's optimizers define for it; a full restart loads them with the state."""
+    from megatron.core.optimizer import DistributedOptimizer, MegatronOptimizer
+    from megatron.core.optimizer.optimizer import MixedPrecisionOptimizer
+
+    calls, same, schedule_steps = run_ranks(1, _load_sequence, tmp_path / "extend", False)[0]
+    assert same and "reload_model_params" in calls and "load_optimizer_state_dict" not in calls
+    assert schedule_steps == 0  # an extension starts the recipe's schedule at step 0
+    calls, same, schedule_steps = run_ranks(1, _load_sequence, tmp_path / "restart", True)[0]
+    assert same and "reload_model_params" not in calls and "load_optimizer_state_dict" in calls
+    assert schedule_steps == 2
+    # What MegatronEngine.reload_model_params delegates to: the mixed-precision and distributed optimizers copy model -> main params.
+    for cls in (MixedPrecisionOptimizer, DistributedOptimizer):
+        assert cls.reload_model_params is not MegatronOptimizer.reload_model_params
+        assert "_copy_model_params_to_main_params" in inspect.getsource(cls.reload_model_params)
+
+
+def test_norms_and_biases_get_no_weight_decay(megatron_single_rank):
+    """Bug 8 (portable engine): Megatron's default param groups (no decay on 1-D params and biases)."""
+    from tapa_megatron.train.engine import PortableEngine
+
+    cfg = _cfg("optimizer.weight_decay=0.1")
+    model = _model(cfg)
+    engine = PortableEngine(model, cfg, (SEQ, MICRO, model.config.hidden_size), torch.float32)
+    decay = {id(p): g["weight_decay"] for g in engine.optimizer.param_groups for p in g["params"]}
+    for name, param in model.named_parameters():
+        expected = 0.0 if "layernorm" in name or "final_norm" in name or name.endswith(".bias") else 0.1
+        assert decay[id(param)] == expected, name
+    assert any(v == 0.0 for v in decay.values()) and any(v == 0.1 for v in decay.values())
+
+
+def test_selective_recompute_leaves_tapa_attention_to_its_kernels(megatron_single_rank):
+    """Bug 8: TAPA's backward recomputes its scores already; Megatron must not rerun its forward as well.
+    What Megatron's layers make of the config is the oracle."""
+    from tapa_megatron.model import build_gpt_model, transformer_config
+
+    for position, recompute_attention in (("tapa", False), ("rope", True)):
+        cfg = _cfg(f"model.position={position}")
+        config = transformer_config(cfg.model, recompute="selective")
+        layer = build_gpt_model(cfg.model, config, vocab_size=VOCAB, max_sequence_length=SEQ).decoder.layers[0]
+        assert layer.self_attention.checkpoint_core_attention is recompute_attention, position
+        assert layer.recompute_mlp is (not recompute_attention), position
+
+
+def test_tied_embeddings_with_pipeline_refused_on_cpu():
+    """Bug 7: megatron-core moves the tied embedding to CUDA at build with PP > 1; refused before anything
+    starts on CPU, with the fix named. (On GPU finalize_model_grads all-reduces the tied gradient, and
+    the portable engine now runs finalize_model_grads too.)"""
+    from tapa_megatron.train.distributed import check_layout
+
+    with pytest.raises(ValueError, match="tie_embeddings.*pipeline > 1 needs CUDA.*tie_embeddings=false"):
+        check_layout(_cfg("model.tie_embeddings=true", "parallel.pipeline=2", "training.global_batch_size=4"), 2)
+    assert check_layout(_cfg("model.tie_embeddings=true"), 2) == 2
