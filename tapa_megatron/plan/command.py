@@ -30,7 +30,8 @@ def tokens(text):
 
 
 def add_arguments(parser):
-    parser.add_argument("model", nargs="?", help="a preset: tiny, 1b, 8b or 70b (tapa_megatron.model.PRESETS)")
+    parser.add_argument("model", nargs="?", help="a preset in any case (tiny, 1b, 8B, 70b; also llama3-8b), a recipe "
+                        "of recipes/ (llama3-8b-32k-extend) or a recipe YAML path")
     parser.add_argument("--seq-len", type=tokens, help="tokens per sequence: 131072, 128K, 1M")
     parser.add_argument("--gpus", type=int, help="number of GPUs")
     parser.add_argument("--gpu-mem", type=float, default=80.0, help="GiB per GPU (default 80: H100)")
@@ -45,6 +46,7 @@ def add_arguments(parser):
     parser.add_argument("--attention-tflops", type=float, default=300.0,
                         help="achieved TAPA kernel forward TFLOP/s for the overlap estimate (default 300, assumed)")
     parser.add_argument("--top", type=int, default=10, help="show the best N layouts (default 10)")
+    parser.epilog = EXPOSED_COMM
     parser.add_argument("--excluded", action="store_true", help="also list the layouts that do not fit, and why")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     modes = parser.add_mutually_exclusive_group()
@@ -54,6 +56,11 @@ def add_arguments(parser):
                        help="measure real CPU runs and compare with the predicted activations and peak")
     modes.add_argument("--figure", metavar="PNG", help="draw the ring schedule into PNG")
     parser.add_argument("--quick", action="store_true", help="with --validate: four small cases")
+
+
+EXPOSED_COMM = ("exposed comm: communication per layer and micro-batch that compute does not hide (tensor "
+                "parallelism's all-reduces / reduce-scatters, plus the ring's K/V transfer time beyond each ring "
+                "step's attention compute); it adds to the step time, so lower is better.")
 
 
 def _table(header, rows):
@@ -158,6 +165,7 @@ def run_plan(args):
                      rows))
         if len(fitting) > args.top:
             print(f"... and {len(fitting) - args.top} more layouts that fit (--top N)")
+        print(EXPOSED_COMM)
     if args.excluded and excluded:
         print()
         print(_table(("TP", "CP", "PP", "DP", "excluded because"),

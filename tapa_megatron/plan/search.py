@@ -14,7 +14,9 @@ CUDA context, NCCL buffers and allocator fragmentation.
 """
 
 import math
+import re
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from tapa_megatron.plan.comm import ATTENTION_FLOPS, exposed_seconds
 from tapa_megatron.plan.memory import Layout, Memory, Step, memory_per_gpu
@@ -34,16 +36,37 @@ class Candidate:
         return (self.layout.model_parallel, self.layout.pp, self.exposed_comm, self.memory.total)
 
 
+RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
+
+
+def _recipe_file(name):
+    """The recipe YAML that name points to (a path, or a recipe of recipes/ with or without .yaml), or None."""
+    for candidate in (Path(name), RECIPES_DIR / name, RECIPES_DIR / f"{name}.yaml"):
+        if candidate.is_file() and candidate.suffix in (".yaml", ".yml"):
+            return candidate
+    return None
+
+
 def resolve_model(model):
-    """A ModelConfig, or a preset name of `tapa_megatron.model.PRESETS`."""
+    """A ModelConfig from: a ModelConfig; a preset of `tapa_megatron.model.PRESETS` in any case, alone or
+    in a LLaMA-style name (8B, llama3-8b); or a recipe (a name of recipes/ or a YAML path), whose model
+    section is used."""
     if not isinstance(model, str):
         return model
     # Imported here: tapa_megatron.model pulls in megatron-core (seconds), which `tapa --help` should not pay.
+    from tapa_megatron.config import from_dict, read_yaml
     from tapa_megatron.model import PRESETS, ModelConfig
 
-    if model not in PRESETS:
-        raise ValueError(f"model {model!r} is not a preset; use one of {', '.join(PRESETS)}.")
-    return ModelConfig(preset=model)
+    recipe = _recipe_file(model)
+    if recipe is not None:
+        return from_dict(ModelConfig, read_yaml(recipe).get("model", {}), prefix="model.")
+    name = model.lower()
+    named = re.fullmatch(r"(?:llama-?\d*(?:\.\d+)?-)?(\w+)", name)  # llama3-8b, llama-3.1-70b -> 8b, 70b
+    preset = named[1] if named else name
+    if preset not in PRESETS:
+        raise ValueError(f"model {model!r} is not a preset or a recipe; use one of {', '.join(PRESETS)} "
+                         "(any case, or e.g. llama3-8b), a recipe name of recipes/ or a recipe YAML path.")
+    return ModelConfig(preset=preset)
 
 
 def _divisors(n):

@@ -134,17 +134,20 @@ class PortableEngine:
         self.scheduler = lr_scheduler(self.optimizer, cfg)
         self.scheduler.step(0)
 
-    def forward_backward(self, micro_batches):
-        """Gradients of the global batch's mean loss in the parameters; the schedule's per-micro-batch logs."""
-        self.optimizer.zero_grad(set_to_none=True)
+    def forward_backward(self, micro_batches, forward_only=False):
+        """Gradients of the global batch's mean loss in the parameters (none with forward_only); the
+        schedule's per-micro-batch logs."""
+        if not forward_only:
+            self.optimizer.zero_grad(set_to_none=True)
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-            return pipeline.forward_backward(self.model, micro_batches, self.activation_shape, self.dtype)
+            return pipeline.forward_backward(self.model, micro_batches, self.activation_shape, self.dtype,
+                                             forward_only=forward_only)
         seq_length, micro_batch_size = _schedule_lengths(self.cfg)
         with CudaCountersOnCpu():
             return get_forward_backward_func()(
                 forward_step_func=step.forward_step, data_iterator=iter(micro_batches), model=[self.model],
                 num_microbatches=len(micro_batches), seq_length=seq_length, micro_batch_size=micro_batch_size,
-                forward_only=False)
+                forward_only=forward_only)
 
     def _grad_norm(self):
         """L2 norm of the whole model's gradient: each tensor-parallel shard counted once, every stage."""
@@ -228,14 +231,15 @@ class MegatronEngine:
         self.scheduler = lr_scheduler(self.optimizer, cfg)
         self.scheduler.step(0)
 
-    def forward_backward(self, micro_batches):
-        self.model.zero_grad_buffer()
-        self.optimizer.zero_grad()
+    def forward_backward(self, micro_batches, forward_only=False):
+        if not forward_only:
+            self.model.zero_grad_buffer()
+            self.optimizer.zero_grad()
         seq_length, micro_batch_size = _schedule_lengths(self.cfg)
         return get_forward_backward_func()(
             forward_step_func=step.forward_step, data_iterator=iter(micro_batches), model=[self.model],
             num_microbatches=len(micro_batches), seq_length=seq_length, micro_batch_size=micro_batch_size,
-            forward_only=False)
+            forward_only=forward_only)
 
     def train_step(self, micro_batches):
         logs = self.forward_backward(micro_batches)

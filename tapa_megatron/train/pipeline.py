@@ -14,9 +14,10 @@ from megatron.core import parallel_state
 from tapa_megatron.train import step
 
 
-def forward_backward(model, micro_batches, activation_shape, dtype):
-    """Run every micro-batch through this stage and back. Returns the logs of the last stage's loss
-    function (empty elsewhere); gradients are left in the parameters, finalised as Megatron's are."""
+def forward_backward(model, micro_batches, activation_shape, dtype, forward_only=False):
+    """Run every micro-batch through this stage and back (only through, with forward_only). Returns the
+    logs of the last stage's loss function (empty elsewhere); gradients are left in the parameters,
+    finalised as Megatron's are."""
     first, last = parallel_state.is_pipeline_first_stage(), parallel_state.is_pipeline_last_stage()
     prev_rank = None if first else parallel_state.get_pipeline_model_parallel_prev_rank()
     next_rank = None if last else parallel_state.get_pipeline_model_parallel_next_rank()
@@ -28,7 +29,7 @@ def forward_backward(model, micro_batches, activation_shape, dtype):
         if not first:
             input_tensor = torch.empty(activation_shape, dtype=dtype)
             dist.recv(input_tensor, src=prev_rank)
-            input_tensor.requires_grad_()
+            input_tensor.requires_grad_(not forward_only)
         model.module.set_input_tensor(input_tensor)
         output, loss_func = step.forward_step(data, model)
         if last:
@@ -39,6 +40,8 @@ def forward_backward(model, micro_batches, activation_shape, dtype):
             dist.send(output.detach().contiguous(), dst=next_rank)
         inputs.append(input_tensor)
         outputs.append(output)
+    if forward_only:
+        return logs
     for input_tensor, output in zip(reversed(inputs), reversed(outputs)):
         if last:
             output.backward()

@@ -146,7 +146,7 @@ def _train(cfg, env, say, stop_requested):
         return TrainResult(losses=[], final_checkpoint=latest, start_step=start_step)
 
     def evaluate(step):
-        loss = validation_loss(engine, model, valid_ds, cfg, env, (local_seq, micro, cfg.model.hidden_size), dtype)
+        loss = validation_loss(engine, model, valid_ds, cfg, env)
         validation.append((step, loss))
         metrics.log_validation(step, loss)
         if env.is_logging_rank:

@@ -1,6 +1,7 @@
 """`plan`: which layouts are excluded and why, the ranking, and the `tapa plan` command."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -88,7 +89,24 @@ def test_plan_command_json_and_errors(capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["layouts"] and result["layouts"][0]["total"] <= 72 * GIB
     assert {"tp", "cp", "pp", "dp", "activations", "workspace"} <= set(result["layouts"][0])
-    with pytest.raises(SystemExit, match="model '13b' is not a preset; use one of tiny, 1b, 8b, 70b"):
+    with pytest.raises(SystemExit, match="model '13b' is not a preset or a recipe; use one of tiny, 1b, 8b, 70b"):
         main(["plan", "13b", "--seq-len", "128K", "--gpus", "8"])
     with pytest.raises(SystemExit, match="needs MODEL, --seq-len and --gpus"):
         main(["plan", "8b", "--seq-len", "128K"])
+
+
+def test_plan_model_names_and_recipes(capsys, tmp_path):
+    """8B, llama3-8b and the 8B recipes are the 8b preset: the same layouts as `8b`; a recipe YAML's own model
+    section is used; the table is followed by what exposed comm means."""
+    def layouts(model):
+        main(["plan", model, "--seq-len", "32K", "--gpus", "8", "--json"])
+        return json.loads(capsys.readouterr().out)["layouts"]
+
+    reference = layouts("8b")
+    for name in ("8B", "llama3-8b", "Llama-3.1-8B", "llama3-8b-32k-extend", str(Path(__file__).parents[2] / "recipes" / "llama3-8b-8k-pretrain.yaml")):
+        assert layouts(name) == reference, name
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text("model:\n  preset: 1b\n")
+    assert layouts(str(recipe)) == layouts("1b") != reference
+    main(["plan", "8B", "--seq-len", "32K", "--gpus", "8"])
+    assert "exposed comm: communication per layer" in capsys.readouterr().out
