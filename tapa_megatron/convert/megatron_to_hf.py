@@ -80,16 +80,21 @@ def _hf_config(model_cfg, export_format, vocab_size, dtype, common):
     return config
 
 
-def _companion_source(tokenizer, checkpoint_path):
-    """Where the tokenizer / generation files come from: --tokenizer, else what hf-to-megatron kept."""
+def _run_tokenizer(tokenizer, common):
+    """The tokenizer to export: --tokenizer, else the run's (data.path, where `tapa data prepare` put it)."""
     if tokenizer is not None:
-        tokenizer = Path(tokenizer)
-        if not tokenizer.exists():
-            raise ConversionError(f"--tokenizer {tokenizer} does not exist; give a Hugging Face tokenizer directory "
-                                  "or a tokenizer.json file.")
-        return tokenizer
-    kept = Path(checkpoint_path) / HF_SOURCE_DIR
-    return kept if kept.is_dir() else None
+        if not Path(tokenizer).exists():
+            raise ConversionError(f"--tokenizer {tokenizer} does not exist; give a Hugging Face tokenizer directory, "
+                                  "a tokenizer.json or a SentencePiece .model.")
+    else:
+        data_path = (common["config"].get("data") or {}).get("path")
+        tokenizer = Path(data_path or "") / "tokenizer.json"
+        if not (data_path and tokenizer.is_file()):
+            return None
+    try:
+        return load_tokenizer(tokenizer)
+    except (OSError, ValueError) as err:
+        raise ConversionError(f"--tokenizer {tokenizer}: {err}") from None
 
 
 def convert(ckpt, out, *, export_format="auto", dtype="auto", tokenizer=None, max_shard_bytes=5 * 2**30,
@@ -102,7 +107,8 @@ def convert(ckpt, out, *, export_format="auto", dtype="auto", tokenizer=None, ma
     refuse_overlap(out, path)
     model_cfg = megatron_checkpoint.model_config_of(common, path)
     export_format = _export_format(model_cfg, export_format, path)
-    companions = _companion_source(tokenizer, path)
+    run_tokenizer = _run_tokenizer(tokenizer, common)
+    kept = path / HF_SOURCE_DIR
     embedding = stored[megatron_checkpoint.EMBEDDING]
     padded, stored_dtype = embedding.global_shape[0], embedding.dtype
     model_cfg = dataclasses.replace(model_cfg, vocab_size=_vocab_size(model_cfg, common, padded, report))
@@ -110,6 +116,10 @@ def convert(ckpt, out, *, export_format="auto", dtype="auto", tokenizer=None, ma
     export_dtype = stored_dtype if dtype == "auto" else DTYPES[dtype]
     dims = dims_of(model_cfg, padded)
     config = _hf_config(model_cfg, export_format, vocab_size, export_dtype, common)
+    if run_tokenizer is not None:  # the ids the model was trained with, not the source model's defaults
+        config.bos_token_id, config.eos_token_id, config.pad_token_id = (
+            run_tokenizer.token_id(token) for token in
+            (run_tokenizer.bos_token, run_tokenizer.eod_token, run_tokenizer.pad_token))
 
     with megatron_checkpoint.single_process_megatron(), atomic_output_dir(out, overwrite) as work:
         model = megatron_checkpoint.build_model(model_cfg, padded, stored_dtype)
@@ -123,15 +133,16 @@ def convert(ckpt, out, *, export_format="auto", dtype="auto", tokenizer=None, ma
             for name in TAPA_LLAMA_FILES:
                 shutil.copy2(Path(__file__).with_name(name), work / name)
         copied = []
-        if companions is not None and companions.is_file():
-            shutil.copy2(companions, work / "tokenizer.json")
-            copied = ["tokenizer.json"]
-        elif companions is not None:
-            copied = copy_companions(companions, work)
-        if "generation_config.json" not in copied:
+        if run_tokenizer is not None:
+            run_tokenizer.save(work)
+            copied = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+        elif kept.is_dir():
+            copied = copy_companions(kept, work)
+        if run_tokenizer is not None or "generation_config.json" not in copied:
             GenerationConfig.from_model_config(config).save_pretrained(work)
+            copied.append("generation_config.json")
     kind = "LlamaForCausalLM" if export_format == "llama" else "TapaLlamaForCausalLM (trust_remote_code=True)"
     report(f"[convert] {path} ({model_cfg.position}, {model_cfg.num_layers} layers, vocab {vocab_size}) -> {out} "
            f"as {kind}, {str(export_dtype).removeprefix('torch.')}"
-           + (f", with {', '.join(copied)}" if copied else ", no tokenizer files (pass --tokenizer DIR)"))
+           + (f", with {', '.join(copied)}" if copied else ", no tokenizer files (the run's data.path has none: pass --tokenizer PATH)"))
     return out

@@ -1,4 +1,5 @@
-"""Where documents come from: a miniature PG19 of Gutenberg novels, or the user's own .txt/.jsonl files.
+"""Where documents come from: a miniature PG19 of Gutenberg novels, or the user's own files (.txt, .jsonl,
+.parquet, Hugging Face `datasets` directories).
 
 PG19 itself (28k books, 11 GB) needs the Hugging Face hub. Offline, Debian's archive still carries ten
 public-domain novels inside three R data packages, which `apt-get download` fetches without installing R:
@@ -167,29 +168,86 @@ def _join_lines(lines) -> str:
 
 
 def read_documents(paths, text_field: str = "text") -> dict[str, str]:
-    """Name -> text for the user's files, in the order given.
+    """Name -> text for the user's inputs, in the order given.
 
     A `.txt` file is one document named after the file (`novel.txt` -> "novel"), read exactly as stored.
-    A `.jsonl` file holds one JSON object per line whose `text_field` is a document, named "file:line".
-    Blank lines in a .jsonl file are skipped.
+    A `.jsonl` file holds one JSON object per line whose `text_field` is a document, named "file:line";
+    blank lines are skipped. A `.parquet` file, and a Hugging Face `datasets` directory (written by
+    Dataset.save_to_disk), hold one document per row in column `text_field`, named "name:row" (rows count
+    from 1; a DatasetDict's rows are "name:split:row").
     """
     documents, sources = {}, {}
     for path in map(Path, paths):
-        if not path.is_file():
+        if path.is_dir() and _is_datasets_dir(path):
+            items = _read_datasets_dir(path, text_field)
+        elif path.is_dir():
+            raise ValueError(f"Input {path} is a directory but not a Hugging Face `datasets` one (no "
+                             f"{' or '.join(DATASETS_MARKERS)}); give its files (.txt, .jsonl, .parquet) instead.")
+        elif not path.is_file():
             raise FileNotFoundError(f"Input {path} does not exist or is not a file.")
-        if path.suffix == ".txt":
+        elif path.suffix == ".txt":
             items = [(path.stem, _read_utf8(path))]
         elif path.suffix == ".jsonl":
             items = _read_jsonl(path, text_field)
+        elif path.suffix == ".parquet":
+            items = _read_parquet(path, text_field)
         else:
             raise ValueError(f"Input {path} has an unsupported type {path.suffix!r}: give .txt files (one document "
-                             "each) or .jsonl files (one JSON object per line).")
+                             "each), .jsonl files (one JSON object per line), .parquet files or Hugging Face "
+                             "`datasets` directories (one document per row).")
         for name, text in items:
             if name in documents:
                 raise ValueError(f"Two inputs give the document name {name!r} ({sources[name]} and {path}): names "
                                  "come from file names, so rename one of the files.")
             documents[name], sources[name] = text, path
     return documents
+
+
+# What Dataset.save_to_disk / DatasetDict.save_to_disk write at the top of the directory.
+DATASETS_MARKERS = ("state.json", "dataset_dict.json")
+
+
+def _is_datasets_dir(path: Path) -> bool:
+    return any((path / name).is_file() for name in DATASETS_MARKERS)
+
+
+def _column(where, names, text_field):
+    if text_field not in names:
+        raise ValueError(f"{where}: no column {text_field!r} (columns: {', '.join(names) or 'none'}); name the column "
+                         "that holds the text with --text-field.")
+
+
+def _rows(where, name, texts):
+    for row, text in enumerate(texts, start=1):
+        if not isinstance(text, str):
+            raise ValueError(f"{where} row {row}: {type(text).__name__}, not a string.")
+        yield f"{name}:{row}", text
+
+
+def _read_parquet(path: Path, text_field: str):
+    import pyarrow.parquet  # imported here: only .parquet inputs need it
+
+    try:
+        schema = pyarrow.parquet.read_schema(path)
+    except pyarrow.ArrowException as error:
+        raise ValueError(f"{path} is not a readable Parquet file ({error}).") from None
+    _column(path, schema.names, text_field)
+    texts = pyarrow.parquet.read_table(path, columns=[text_field]).column(text_field).to_pylist()
+    return list(_rows(f"{path} column {text_field!r}", path.stem, texts))
+
+
+def _read_datasets_dir(path: Path, text_field: str):
+    import datasets  # imported here: only `datasets` inputs need it (pip install tapa-megatron[datasets])
+
+    loaded = datasets.load_from_disk(str(path))
+    splits = loaded.items() if isinstance(loaded, datasets.DatasetDict) else [(None, loaded)]
+    items = []
+    for split, dataset in splits:
+        where = path if split is None else f"{path} split {split!r}"
+        _column(where, dataset.column_names, text_field)
+        name = path.name if split is None else f"{path.name}:{split}"
+        items += _rows(f"{where} column {text_field!r}", name, dataset[text_field])
+    return items
 
 
 BINARY_SHARE = 0.1  # a document with more control characters than this is not text

@@ -1,10 +1,13 @@
 """Prepare a corpus for training and evaluation, the way PG19 is laid out: whole books per split.
 
-Reads the documents (the built-in Gutenberg novels, or .txt/.jsonl files), holds out whole books for the
-test set, trains a byte-level BPE tokenizer on the training books only, and writes OUT/:
+Reads the documents (the built-in Gutenberg novels, or .txt/.jsonl/.parquet files and Hugging Face
+`datasets` directories), holds out whole books for the test set, trains a byte-level BPE tokenizer on the
+training books only (or takes --tokenizer), and writes OUT/:
 
-    tokenizer.json                  the tokenizer (trained, or a copy of --tokenizer)
-    train_text_document.bin/.idx    Megatron indexed dataset: one document per book, <|endoftext|> appended
+    tokenizer.json                  the tokenizer (trained, or --tokenizer's as Hugging Face files: a copy of its
+    tokenizer_config.json           tokenizer.json, or its SentencePiece model converted), with the end-of-document,
+    special_tokens_map.json         start and padding tokens named; `tapa convert megatron-to-hf` exports these
+    train_text_document.bin/.idx    Megatron indexed dataset: one document per book, the EOD token appended
     test/*.txt                      the held-out books as plain text (evaluation runs sliding-window perplexity
                                     over raw text)
     manifest.json                   which book went where, token counts (a training document's count
@@ -34,13 +37,14 @@ DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"
 
 
 def prepare(out_dir, *, corpus=None, inputs=None, test_books=None, tokenizer_path=None, vocab_size=8192,
-            text_field="text", cache_dir=DEFAULT_CACHE_DIR, overwrite=False) -> dict:
+            eod_token=None, text_field="text", cache_dir=DEFAULT_CACHE_DIR, overwrite=False) -> dict:
     """Write the prepared corpus to out_dir (see the module docstring) and return its manifest.
 
-    Give either corpus="gutenberg" or inputs=[paths of .txt/.jsonl files]. test_books names the documents
+    Give either corpus="gutenberg" or inputs=[paths] (see corpus.read_documents). test_books names the documents
     to hold out; None holds out DEFAULT_GUTENBERG_TEST_BOOKS for Gutenberg and the last document for
     inputs (unless it is the only one), and [] holds out nothing. tokenizer_path names an existing
-    tokenizer.json to use instead of training one.
+    tokenizer (a tokenizer.json, a Hugging Face tokenizer directory or a SentencePiece .model) to use instead
+    of training one; eod_token names its end-of-document token when it is not found by name.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -52,7 +56,10 @@ def prepare(out_dir, *, corpus=None, inputs=None, test_books=None, tokenizer_pat
         raise ValueError("Give exactly one source: corpus='gutenberg' (--corpus) or inputs=[paths] (--input).")
     if corpus is not None and corpus != "gutenberg":
         raise ValueError(f"Unknown corpus {corpus!r}; the built-in corpus is 'gutenberg'.")
-    given_tokenizer = None if tokenizer_path is None else load_tokenizer(tokenizer_path)  # fail early if bad
+    given_tokenizer = None if tokenizer_path is None else load_tokenizer(tokenizer_path, eod_token)  # fail early
+    if eod_token is not None and given_tokenizer is None:
+        raise ValueError("--eod-token names a token of --tokenizer; the tokenizer trained here ends documents with "
+                         "<|endoftext|>, so drop --eod-token or give --tokenizer.")
 
     documents = load_gutenberg_books(cache_dir) if corpus else read_documents(inputs, text_field=text_field)
     refuse_binary(documents)
@@ -103,10 +110,10 @@ def _write(staging: Path, train, test, given_tokenizer, vocab_size, source) -> d
     if given_tokenizer is None:
         print(f"training a byte-level BPE tokenizer (vocab {vocab_size}) on the {len(train)} training documents",
               flush=True)
-        tokenizer = train_tokenizer(list(train.values()), tokenizer_file, vocab_size=vocab_size)
+        train_tokenizer(list(train.values()), tokenizer_file, vocab_size=vocab_size).save(staging)
     else:
-        shutil.copyfile(given_tokenizer.path, tokenizer_file)  # the output directory stays self-contained
-        tokenizer = load_tokenizer(tokenizer_file)
+        given_tokenizer.save(staging)  # the output directory stays self-contained
+    tokenizer = load_tokenizer(tokenizer_file)
 
     print(f"tokenizing into {TRAIN_PREFIX}.bin/.idx", flush=True)
     builder = IndexedDatasetBuilder(str(staging / f"{TRAIN_PREFIX}.bin"),
@@ -134,7 +141,8 @@ def _write(staging: Path, train, test, given_tokenizer, vocab_size, source) -> d
     manifest = {
         "source": source,
         "tokenizer": {"file": "tokenizer.json", "vocab_size": tokenizer.vocab_size, "eod": tokenizer.eod,
-                      "trained_here": given_tokenizer is None},
+                      "eod_token": tokenizer.eod_token, "trained_here": given_tokenizer is None,
+                      "from": None if given_tokenizer is None else str(given_tokenizer.source_file)},
         "train": {"prefix": TRAIN_PREFIX, "documents": train_entries,
                   "tokens": sum(entry["tokens"] for entry in train_entries)},
         "test": {"documents": test_entries, "tokens": sum(entry["tokens"] for entry in test_entries)},
@@ -188,7 +196,8 @@ def add_arguments(parser):
     source.add_argument("--corpus", choices=("gutenberg",),
                         help="built-in corpus: ten public-domain Gutenberg novels from Debian packages (needs apt)")
     source.add_argument("--input", nargs="+", metavar="PATH",
-                        help=".txt files (one document each) and/or .jsonl files (one document per line)")
+                        help=".txt files (one document each), .jsonl files (one document per line), .parquet files "
+                             "(one per row) and/or Hugging Face `datasets` directories (save_to_disk; one per row)")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--test-books", nargs="*", default=None, metavar="NAME",
                         help="documents to hold out for test (case-insensitive names: book titles, .txt file stems, "
@@ -196,9 +205,14 @@ def add_arguments(parser):
                              + " for gutenberg, the last document for --input (none if there is only one); "
                              "give the flag alone to hold out none")
     parser.add_argument("--tokenizer", default=None, metavar="PATH",
-                        help="use this tokenizer.json instead of training one")
+                        help="use this tokenizer instead of training one: a tokenizer.json, a Hugging Face tokenizer "
+                             "directory, or a SentencePiece .model")
+    parser.add_argument("--eod-token", default=None, metavar="TOKEN",
+                        help="the --tokenizer's end-of-document token; default: its tokenizer_config.json eos_token, "
+                             "else the first it has of <|endoftext|>, <|end_of_text|>, </s>, <eos>")
     parser.add_argument("--vocab-size", type=int, default=8192, help="vocabulary size of the trained tokenizer")
-    parser.add_argument("--text-field", default="text", help="the field of each .jsonl object that holds the text")
+    parser.add_argument("--text-field", default="text", help="the field of each .jsonl object (the column of a .parquet "
+                        "file or `datasets` directory) that holds the text")
     parser.add_argument("--cache-dir", default=str(DEFAULT_CACHE_DIR),
                         help="where the downloaded Gutenberg texts are kept")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
@@ -206,5 +220,6 @@ def add_arguments(parser):
 
 def run(args):
     return prepare(args.out, corpus=args.corpus, inputs=args.input, test_books=args.test_books,
-                   tokenizer_path=args.tokenizer, vocab_size=args.vocab_size, text_field=args.text_field,
+                   tokenizer_path=args.tokenizer, vocab_size=args.vocab_size, eod_token=args.eod_token,
+                   text_field=args.text_field,
                    cache_dir=args.cache_dir, overwrite=args.overwrite)

@@ -12,7 +12,7 @@ from tapa_megatron.config import from_dict
 from tapa_megatron.convert import hf_to_megatron, mapping, megatron_to_hf
 from tapa_megatron.convert.hf_to_megatron import model_config_from_hf
 from tapa_megatron.convert.megatron_checkpoint import build_model, single_process_megatron
-from tapa_megatron.data.tokenizer import train_tokenizer
+from tapa_megatron.data.tokenizer import load_tokenizer, train_tokenizer
 from tapa_megatron.train import RunConfig, checkpoint
 from tests.convert.tiny import VOCAB, megatron_logits, tiny_llama, tokens
 
@@ -138,10 +138,18 @@ def test_llama_to_tapa_training_to_hf(tmp_path, capfd):
     assert f"[extend] starting from {tmp_path / 'ckpt'}" in capfd.readouterr().out
     assert len(losses) == 1 and torch.isfinite(torch.tensor(losses[0][1]))
 
-    megatron_to_hf.convert(tmp_path / "run", tmp_path / "export", tokenizer=tmp_path / "data" / "tokenizer.json")
+    megatron_to_hf.convert(tmp_path / "run", tmp_path / "export")  # the tokenizer comes from the run's data.path
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "export", trust_remote_code=True).eval()
     assert exported.config.vocab_size == vocab
     assert (tmp_path / "export" / "tokenizer.json").read_bytes() == (tmp_path / "data" / "tokenizer.json").read_bytes()
+    from transformers import AutoTokenizer
+
+    hf_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "export")
+    eod = load_tokenizer(tmp_path / "data" / "tokenizer.json").eod
+    assert hf_tokenizer.eos_token == "<|endoftext|>" and hf_tokenizer.eos_token_id == eod
+    assert exported.config.eos_token_id == exported.config.pad_token_id == exported.generation_config.eos_token_id == eod
+    batch = hf_tokenizer(["w1 w2 w3", "w4"], padding=True, return_tensors="pt")  # raised before: no pad token
+    assert batch["attention_mask"].tolist()[1].count(0) > 0
     ids = tokens(length=16) % vocab
     with torch.no_grad():
         logits = exported(ids).logits

@@ -94,3 +94,22 @@ def test_gutenberg_second_call_reads_the_cache_without_apt(gutenberg_cache, monk
 
     monkeypatch.setattr(corpus.subprocess, "run", no_subprocess)
     assert load_gutenberg_books(cache_dir) == books
+
+
+def test_parquet_and_datasets_directory(tmp_path):
+    import datasets
+    import pyarrow
+    import pyarrow.parquet
+
+    pyarrow.parquet.write_table(pyarrow.table({"body": ["first", "second"], "id": [1, 2]}), tmp_path / "rows.parquet")
+    datasets.Dataset.from_dict({"body": ["third"]}).save_to_disk(str(tmp_path / "hub"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"body": ["fourth"]})}).save_to_disk(str(tmp_path / "dd"))
+    found = read_documents([tmp_path / "rows.parquet", tmp_path / "hub", tmp_path / "dd"], text_field="body")
+    assert found == {"rows:1": "first", "rows:2": "second", "hub:1": "third", "dd:train:1": "fourth"}
+    with pytest.raises(ValueError, match=r"no column 'text' \(columns: body, id\); name the column .* --text-field"):
+        read_documents([tmp_path / "rows.parquet"])
+    with pytest.raises(ValueError, match="no column 'text'"):
+        read_documents([tmp_path / "hub"])
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(ValueError, match="is a directory but not a Hugging Face `datasets` one"):
+        read_documents([tmp_path / "plain"])

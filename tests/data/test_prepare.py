@@ -43,7 +43,8 @@ def test_held_out_documents_are_plain_text_files(prepared, corpus_files):
     assert on_disk == manifest
     assert manifest["tokenizer"]["vocab_size"] == load_tokenizer(out_dir / "tokenizer.json").vocab_size <= 400
     assert sorted(path.name for path in out_dir.iterdir()) == [
-        "manifest.json", "test", "tokenizer.json", f"{TRAIN_PREFIX}.bin", f"{TRAIN_PREFIX}.idx"]
+        "manifest.json", "special_tokens_map.json", "test", "tokenizer.json", "tokenizer_config.json",
+        f"{TRAIN_PREFIX}.bin", f"{TRAIN_PREFIX}.idx"]
 
 
 def test_existing_output_is_refused_then_replaced_with_overwrite(tmp_path, corpus_files, prepared):
