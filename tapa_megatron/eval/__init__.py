@@ -23,7 +23,8 @@ def held_out_documents(data_dir, tokenizer):
     return [tokenizer.encode(path.read_text(encoding="utf-8")) for path in paths]
 
 
-def _plot_lines(series, x, path, xlabel, ylabel, title, log_y=False, mark_x=()):
+def line_plot(series, x, xlabel, ylabel, title, log_y=False, mark_x=(), ylim=None):
+    """A matplotlib figure of one line per series over x (log2 x axis); the caller saves and closes it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -32,6 +33,8 @@ def _plot_lines(series, x, path, xlabel, ylabel, title, log_y=False, mark_x=()):
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, values in series.items():
         ax.plot(x, values, marker="o", label=name)
+    if ylim is not None:  # before the marks: their labels sit at the top of the axis
+        ax.set_ylim(*ylim)
     for value, label in mark_x:
         ax.axvline(value, color="gray", linestyle="--", linewidth=0.8)
         ax.text(value, ax.get_ylim()[1], f" {label}", va="top", fontsize=8, color="gray")
@@ -44,8 +47,21 @@ def _plot_lines(series, x, path, xlabel, ylabel, title, log_y=False, mark_x=()):
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
+    return fig
+
+
+def _save(fig, path):
+    import matplotlib.pyplot as plt
+
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def passkey_plot(accuracies, lengths, mark_x=()):
+    """Mean passkey accuracy by length; the y axis always spans 0..1, so all-zero (or all-one) runs read
+    as such rather than as a zoomed-in band around one value."""
+    return line_plot(accuracies, lengths, "context length (tokens)", "passkey accuracy (mean over depths)",
+                     "passkey retrieval", mark_x=mark_x, ylim=(-0.05, 1.05))
 
 
 def _write_csv(path, header, rows):
@@ -84,9 +100,9 @@ def evaluate(checkpoints, out_dir, *, multiples=MULTIPLES, stride=256, max_token
             entry["ppl"].append(ppl)
             report(f"[eval] {name:>6} ppl @ {length:>6} tokens: {ppl:10.3f}")
     marks = [(train_length, "L")] + ([(extend_length, "fine-tune")] if extend_length else [])
-    _plot_lines({n: m["ppl"] for n, m in results["models"].items()}, lengths, out_dir / "perplexity.png",
-                "context length (tokens)", "perplexity (held-out books)",
-                f"sliding-window perplexity, L = {train_length}", log_y=True, mark_x=marks)
+    _save(line_plot({n: m["ppl"] for n, m in results["models"].items()}, lengths, "context length (tokens)",
+                    "perplexity (held-out books)", f"sliding-window perplexity, L = {train_length}", log_y=True,
+                    mark_x=marks), out_dir / "perplexity.png")
     _write_csv(out_dir / "perplexity.csv", ["length", *results["models"]],
                [[length, *(m["ppl"][i] for m in results["models"].values())] for i, length in enumerate(lengths)])
 
@@ -97,10 +113,8 @@ def evaluate(checkpoints, out_dir, *, multiples=MULTIPLES, stride=256, max_token
             results["models"][name]["passkey"] = {str(k): {str(d): a for d, a in v.items()} for k, v in table.items()}
             report(f"[eval] {name:>6} passkey accuracy by length: "
                    + ", ".join(f"{k}: {sum(v.values()) / len(v):.2f}" for k, v in table.items()))
-        _plot_lines({n: [sum(m["passkey"][str(k)].values()) / len(passkey_depths) for k in lengths]
-                     for n, m in results["models"].items()}, lengths, out_dir / "passkey.png",
-                    "context length (tokens)", "passkey accuracy (mean over depths)", "passkey retrieval",
-                    mark_x=marks)
+        _save(passkey_plot({n: [sum(m["passkey"][str(k)].values()) / len(passkey_depths) for k in lengths]
+                            for n, m in results["models"].items()}, lengths, mark_x=marks), out_dir / "passkey.png")
 
     if bias_pairs:
         # The paper's ranges at 8K training length are [0, 100] and [10000, 10100]; here both scale with

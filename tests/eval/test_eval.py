@@ -145,3 +145,14 @@ def test_results_table_renders_a_hand_made_results_file():
     assert table[5] == "| NoPE | 20.00 | 20.00 | 20.00 | 40.00 | 80.00 | 4.00 | 4.00 |"
     assert table[11] == "| TAPA | 10.00 | 12.00 | 14.00 | 16.00 | 20.00 | 1.43 | 2.00 |"
     assert table[-2:] == ["| TAPA | 1.00 | 1.00 | 0.50 | 0.25 | 0.00 |", "| NoPE | 0.00 | 0.00 | 0.00 | 0.00 | 0.00 |"]
+
+
+def test_passkey_plot_spans_zero_to_one_whatever_the_accuracies():
+    import matplotlib.pyplot as plt
+
+    from tapa_megatron.eval import passkey_plot
+
+    for accuracies in ([0.0, 0.0, 0.0], [1.0, 1.0, 1.0], [0.25, 0.5, 0.25]):
+        fig = passkey_plot({"tapa": accuracies}, [64, 128, 256], mark_x=[(64, "L")])
+        assert fig.axes[0].get_ylim() == (-0.05, 1.05)  # matplotlib alone zooms all-zero to -0.055..0.055
+        plt.close(fig)
