@@ -144,7 +144,8 @@ def cmd_eval(args):
     if len(names) != len(args.checkpoints):
         raise SystemExit(f"tapa eval: {len(names)} --names for {len(args.checkpoints)} checkpoints.")
     evaluate(dict(zip(names, args.checkpoints)), args.out, multiples=args.multiples, stride=args.stride,
-             max_tokens=args.max_tokens, passkey_trials=args.passkey_trials, bias_pairs=args.bias_pairs)
+             max_tokens=args.max_tokens, passkey_trials=args.passkey_trials, bias_pairs=args.bias_pairs,
+             report=lambda line: print(line, flush=True))  # flushed: progress shows in logs and pipes too
 
 
 def cmd_study(args):

@@ -77,28 +77,37 @@ def evaluate(checkpoints, out_dir, *, multiples=MULTIPLES, stride=256, max_token
     """Evaluate {name: checkpoint} side by side. Returns the results dict (also written as JSON).
 
     Context lengths are multiples of L: train_length, by default the first model's training length
-    (give the pretraining length for fine-tuned checkpoints). Each window slides by
-    min(stride, context / 2), so the paper's 256 holds from 512 tokens on and small models keep at
-    least half a window of context for every scored token.
+    (give the pretraining length for fine-tuned checkpoints). extend_length, marked on the plots, is by
+    default the training length of the first model whose run was an extension (checkpoint.init_from).
+    Each window slides by min(stride, context / 2), so the paper's 256 holds from 512 tokens on and
+    small models keep at least half a window of context for every scored token.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    models = {name: load_eval_model(path, name) for name, path in checkpoints.items()}
+    models = {}
+    for name, path in checkpoints.items():
+        models[name] = load_eval_model(path, name)
+        report(f"[eval] {name:>6} loaded {models[name].checkpoint} (step {models[name].step})")
     first = next(iter(models.values()))
     train_length = train_length or first.train_length
+    extend_length = extend_length or next((m.train_length for m in models.values() if m.extended), None)
     lengths = [m * train_length for m in multiples]
     data_dir = data_dir or _data_dir_of(checkpoints[first.name])
     documents = held_out_documents(data_dir, first.tokenizer)
     results = {"train_length": train_length, "extend_length": extend_length, "lengths": lengths,
                "stride": stride, "max_tokens_per_document": max_tokens, "models": {}}
 
+    # one unit of progress: a model's perplexity, or its passkey accuracy, at one length
+    total, done = len(models) * len(lengths) * (2 if passkey_trials else 1), 0
     for name, model in models.items():
-        entry = results["models"][name] = {"position": model.config.position, "ppl": []}
+        entry = results["models"][name] = {"position": model.config.position, "checkpoint": str(model.checkpoint),
+                                           "step": model.step, "ppl": []}
         for length in lengths:
             ppl = perplexity.perplexity(model.token_losses, documents, length, min(stride, max(length // 2, 1)),
                                         max_tokens)
             entry["ppl"].append(ppl)
-            report(f"[eval] {name:>6} ppl @ {length:>6} tokens: {ppl:10.3f}")
+            done += 1
+            report(f"[eval] {name:>6} ppl @ {length:>6} tokens: {ppl:10.3f}  ({done}/{total})")
     marks = [(train_length, "L")] + ([(extend_length, "fine-tune")] if extend_length else [])
     _save(line_plot({n: m["ppl"] for n, m in results["models"].items()}, lengths, "context length (tokens)",
                     "perplexity (held-out books)", f"sliding-window perplexity, L = {train_length}", log_y=True,
@@ -108,11 +117,14 @@ def evaluate(checkpoints, out_dir, *, multiples=MULTIPLES, stride=256, max_token
 
     if passkey_trials:
         for name, model in models.items():
-            table = passkey.passkey_accuracy(model.next_token_logits, model.tokenizer, lengths, passkey_depths,
-                                             passkey_trials)
+            table = {}
+            for length in lengths:
+                table.update(passkey.passkey_accuracy(model.next_token_logits, model.tokenizer, [length],
+                                                      passkey_depths, passkey_trials))
+                done += 1
+                report(f"[eval] {name:>6} passkey @ {length:>6} tokens: "
+                       f"{sum(table[length].values()) / len(passkey_depths):.2f}  ({done}/{total})")
             results["models"][name]["passkey"] = {str(k): {str(d): a for d, a in v.items()} for k, v in table.items()}
-            report(f"[eval] {name:>6} passkey accuracy by length: "
-                   + ", ".join(f"{k}: {sum(v.values()) / len(v):.2f}" for k, v in table.items()))
         _save(passkey_plot({n: [sum(m["passkey"][str(k)].values()) / len(passkey_depths) for k in lengths]
                             for n, m in results["models"].items()}, lengths, mark_x=marks), out_dir / "passkey.png")
 

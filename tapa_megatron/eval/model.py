@@ -22,6 +22,9 @@ class EvalModel:
     tokenizer: object
     train_length: int  # the sequence length the checkpoint was trained at
     name: str
+    checkpoint: Path | None = None  # the step directory the weights came from
+    step: int | None = None  # the training step of that checkpoint
+    extended: bool = False  # the run started from another checkpoint (checkpoint.init_from): a context extension
 
     @torch.no_grad()
     def token_losses(self, tokens):
@@ -50,7 +53,8 @@ def load_eval_model(path, name=None):
     """Load a trained checkpoint (a step directory, or a run directory's newest one) for evaluation."""
     ensure_single_process()
     path = checkpoint.resolve_checkpoint(path)
-    saved = checkpoint.load_common(path)["config"]
+    common = checkpoint.load_common(path)
+    saved = common["config"]
     model_cfg = from_dict(ModelConfig, saved["model"], prefix="model.")
     model_cfg.tapa.backend = "auto"  # whatever this machine runs best; the math is the same
     tokenizer = load_tokenizer(Path(saved["data"]["path"]) / "tokenizer.json")
@@ -65,4 +69,6 @@ def load_eval_model(path, name=None):
         raise ValueError(f"checkpoint {path} lacks weights for {missing[:3]}")
     model.eval()
     return EvalModel(model=model, config=model_cfg, tokenizer=tokenizer, train_length=saved["data"]["seq_length"],
-                     name=name or saved.get("name", path.parent.parent.name))
+                     name=name or saved.get("name", path.parent.parent.name), checkpoint=path,
+                     step=common["train_state"]["step"],
+                     extended=bool(saved.get("checkpoint", {}).get("init_from")))

@@ -6,6 +6,7 @@ import random
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -156,3 +157,53 @@ def test_passkey_plot_spans_zero_to_one_whatever_the_accuracies():
         fig = passkey_plot({"tapa": accuracies}, [64, 128, 256], mark_x=[(64, "L")])
         assert fig.axes[0].get_ylim() == (-0.05, 1.05)  # matplotlib alone zooms all-zero to -0.055..0.055
         plt.close(fig)
+
+
+def _train(rank, world_size, run_dir, data, seq_length, steps, init_from=None):
+    from tapa_megatron.config import load_config
+    from tapa_megatron.train import RunConfig, train
+
+    cfg = load_config(RunConfig, None, [
+        f"run_dir={run_dir}", f"data.path={data}", f"data.seq_length={seq_length}", "data.split=1,1,0",
+        f"training.steps={steps}", "training.global_batch_size=2", "training.micro_batch_size=1",
+        "training.tensorboard=false", "optimizer.warmup_steps=0", "model.num_layers=2",
+        *([f"checkpoint.init_from={init_from}"] if init_from else [])])
+    return str(train(cfg).final_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def pretrained_and_extended(novels_data, tmp_path_factory):
+    """A run at 32 tokens (step 0) and its extension to 64 tokens (1 step): the checkpoints `tapa eval` reads."""
+    from tests.distributed import run_ranks
+
+    root = tmp_path_factory.mktemp("runs")
+    pretrained = run_ranks(1, _train, root / "pre", novels_data, 32, 0)[0]
+    extended = run_ranks(1, _train, root / "ext", novels_data, 64, 1, pretrained)[0]
+    return pretrained, extended
+
+
+def test_tapa_eval_reports_progress_and_records_checkpoints_and_extension(pretrained_and_extended, tmp_path):
+    pretrained, extended = pretrained_and_extended
+    out = tmp_path / "eval"
+    # a fresh process with stdout piped, as under Slurm or `| tee`: progress must arrive while it runs
+    command = [sys.executable, "-m", "tapa_megatron.cli", "eval", extended, pretrained, "--names", "ext", "pre",
+               "--out", str(out), "--multiples", "1", "2", "--max-tokens", "200", "--passkey-trials", "1",
+               "--bias-pairs", "0"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines, running_at_first_progress = [], None
+    for line in process.stdout:
+        if "/8)" in line and running_at_first_progress is None:
+            running_at_first_progress = process.poll() is None
+        lines.append(line.rstrip())
+    stderr = process.stderr.read()
+    assert process.wait(timeout=600) == 0, stderr[-3000:]
+    assert running_at_first_progress, lines  # printed (flushed) before the end, not all at once on exit
+    progress = [line for line in lines if line.endswith("/8)")]
+    # 2 models x 2 lengths x (perplexity, passkey), counted in order
+    assert [line.rsplit("(", 1)[1] for line in progress] == [f"{i}/8)" for i in range(1, 9)]
+    assert "ext" in progress[0] and "@     64 tokens" in progress[0] and "pre" in progress[-1]
+
+    results = json.loads((out / "results.json").read_text())
+    assert results["train_length"] == 64 and results["extend_length"] == 64  # the extension run's length
+    assert results["models"]["ext"]["checkpoint"] == extended and results["models"]["ext"]["step"] == 1
+    assert results["models"]["pre"]["checkpoint"] == pretrained and results["models"]["pre"]["step"] == 0
