@@ -190,14 +190,14 @@ def test_tapa_eval_reports_progress_and_records_checkpoints_and_extension(pretra
                "--out", str(out), "--multiples", "1", "2", "--max-tokens", "200", "--passkey-trials", "1",
                "--bias-pairs", "0"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    lines, running_at_first_progress = [], None
+    lines, finished_at_first_progress = [], None
     for line in process.stdout:
-        if "/8)" in line and running_at_first_progress is None:
-            running_at_first_progress = process.poll() is None
+        if "/8)" in line and finished_at_first_progress is None:  # results.json is written last
+            finished_at_first_progress = (out / "results.json").exists()
         lines.append(line.rstrip())
     stderr = process.stderr.read()
     assert process.wait(timeout=600) == 0, stderr[-3000:]
-    assert running_at_first_progress, lines  # printed (flushed) before the end, not all at once on exit
+    assert finished_at_first_progress is False, lines  # flushed while running, not all at once on exit
     progress = [line for line in lines if line.endswith("/8)")]
     # 2 models x 2 lengths x (perplexity, passkey), counted in order
     assert [line.rsplit("(", 1)[1] for line in progress] == [f"{i}/8)" for i in range(1, 9)]
