@@ -2,11 +2,11 @@
 
 import json
 import math
+import os
 import random
 import shutil
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -189,7 +189,8 @@ def test_tapa_eval_reports_progress_and_records_checkpoints_and_extension(pretra
     command = [sys.executable, "-m", "tapa_megatron.cli", "eval", extended, pretrained, "--names", "ext", "pre",
                "--out", str(out), "--multiples", "1", "2", "--max-tokens", "200", "--passkey-trials", "1",
                "--bias-pairs", "0"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # Python's default: a pipe is buffered
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     lines, finished_at_first_progress = [], None
     for line in process.stdout:
         if "/8)" in line and finished_at_first_progress is None:  # results.json is written last
