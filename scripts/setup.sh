@@ -5,7 +5,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
-PYTHON=${PYTHON:-python3}  # CI's second leg: PYTHON=<a Python 3.12> VENV=.venv312 (megatron-core 0.19)
+PYTHON=${PYTHON:-python3}  # CI's second leg: PYTHON=python3.12 VENV=.venv312 (megatron-core 0.19)
+if ! "$PYTHON" -c '' 2>/dev/null; then  # not on PATH (or a pyenv shim of a version not selected): pyenv's own
+  found=$(ls -d "${PYENV_ROOT:-$HOME/.pyenv}"/versions/"${PYTHON#python}".*/bin/"$PYTHON" 2>/dev/null | sort -V | tail -1)
+  [[ -n $found ]] || { echo "setup.sh: $PYTHON not found on PATH or under pyenv; install it or set PYTHON=/path/to/python" >&2; exit 2; }
+  PYTHON=$found
+fi
 [[ -x $VENV/bin/python ]] || "$PYTHON" -m venv "$VENV"
 if ! command -v nvidia-smi >/dev/null 2>&1; then
   # Python 3.11: the CPU build; for 3.12 PyPI has only the CUDA build (its nvidia-* libraries, ~4.7 GB

@@ -441,7 +441,7 @@ def load_checkpoint(path, model, engine, with_optimizer=True, with_schedule=True
                          f"unexpected {result.unexpected_keys[:5]}")
     if with_optimizer:
         engine.load_optimizer_state_dict(loaded["optimizer"])
-    else:
+    elif engine is not None:  # weights only (eval and convert load without an engine)
         engine.reload_model_params()
     if with_optimizer and with_schedule:
         engine.scheduler.load_state_dict(loaded["scheduler"])
