@@ -378,6 +378,12 @@ def save_checkpoint(run_dir, step, model, engine, consumed_samples, config_dict,
     return final
 
 
+def finish_rotation(run_dir, step, keep, report=print):
+    """Complete what a save of `step` would have finished after it (collective): for a rerun of a run
+    whose last save was interrupted after its rename, mid-rotation."""
+    _finish(checkpoint_root(run_dir), step, keep, report)
+
+
 def _finish(root, step, keep, report):
     """Rotate old checkpoints out and point `latest` at the newest (rank 0; collective)."""
     if dist.get_rank() == 0:

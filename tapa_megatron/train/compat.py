@@ -17,6 +17,7 @@ from pathlib import Path
 from megatron.core import dist_checkpointing
 
 from tapa_megatron.config import to_dict
+from tapa_megatron.model.config import RopeSettings, TapaSettings
 from tapa_megatron.train import checkpoint
 from tapa_megatron.train.errors import RunError
 
@@ -69,10 +70,12 @@ def from_plan(cfg, tokenizer, padded_vocab_size, where):
 
 def _position_settings(model):
     """The settings of the model's position scheme that change what it computes."""
+    # Defaults first: a checkpoint saved before a setting existed ran with its default.
     if model["position"] == "tapa":
-        return {key: value for key, value in model["tapa"].items() if key != "backend"}
+        settings = {**to_dict(TapaSettings()), **model["tapa"]}
+        return {key: value for key, value in settings.items() if key != "backend"}
     if model["position"] == "rope":
-        return dict(model["rope"])
+        return {**to_dict(RopeSettings()), **model["rope"]}
     return {}
 
 

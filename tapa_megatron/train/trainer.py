@@ -141,6 +141,7 @@ def _train(cfg, env, say, stop_requested):
 
     last_step = t.steps if t.exit_after_steps is None else min(t.steps, start_step + t.exit_after_steps)
     if latest is not None and start_step >= t.steps:
+        checkpoint.finish_rotation(run_dir, start_step, cfg.checkpoint.keep, report=say)
         say(summary.already_finished_line(cfg.name, t.steps, latest))
         metrics.close()
         return TrainResult(losses=[], final_checkpoint=latest, start_step=start_step)

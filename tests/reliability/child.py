@@ -12,6 +12,7 @@ import torch.distributed.checkpoint.filesystem as dcp_filesystem
 from megatron.core import dist_checkpointing  # noqa: F401 - imported once, in the fork server
 
 from tapa_megatron.train import checkpoint, engine, trainer
+from tapa_megatron.train import step as train_step
 from tapa_megatron.train.errors import RunError
 
 KILL_POINTS = {
@@ -119,21 +120,27 @@ def _install_kill(point, step):
 
 
 def _install_nan(steps, ranks=None):
-    """Make the loss and every gradient NaN at the given steps (1-based), on the given ranks (default all)."""
-    real, calls = engine.PortableEngine.forward_backward, {"n": 0}
+    """Make the loss NaN at the given steps (1-based) on the given ranks (default all), inside the forward,
+    so that the backward and the gradient all-reduce carry it to every rank as a real NaN would."""
+    real_forward_backward, real_loss_func = engine.PortableEngine.forward_backward, train_step.loss_func
+    state = {"steps_done": 0, "poison": False}
 
-    def forward_backward(self, micro_batches):
-        logs = real(self, micro_batches)
-        calls["n"] += 1
+    def loss_func(loss_mask, per_token_loss):
+        return real_loss_func(loss_mask, per_token_loss * math.nan if state["poison"] else per_token_loss)
+
+    def forward_backward(self, micro_batches, forward_only=False):
+        if not forward_only:
+            state["steps_done"] += 1
         rank = torch.distributed.get_rank()
-        if calls["n"] in steps and (ranks is None or rank in ranks):
-            for param in self.model.parameters():
-                if param.grad is not None:
-                    param.grad.fill_(math.nan)
-            logs = [{"lm loss": log["lm loss"] * math.nan} for log in logs]
-        return logs
+        state["poison"] = (not forward_only and state["steps_done"] in steps
+                           and (ranks is None or rank in ranks))
+        try:
+            return real_forward_backward(self, micro_batches, forward_only=forward_only)
+        finally:
+            state["poison"] = False
 
     engine.PortableEngine.forward_backward = forward_backward
+    train_step.loss_func = loss_func
 
 
 def train(cfg, kill=None, nan_steps=(), nan_ranks=None):

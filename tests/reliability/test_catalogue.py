@@ -112,7 +112,7 @@ CATALOGUE = [
     ("resume with other TAPA settings (--force)", [*resume("model.tapa.alpha=60"), "--force"],
      "pass checkpoint.allow_mismatch=[position] to accept it deliberately", 1),
     ("resume as RoPE (--force)", [*resume("model.position=rope"), "--force"],
-     "position tapa {{'alpha': 0.1, 'theta': 0.5, 'phase': 'quadratic'}} in", 1),
+     "position tapa {{'alpha': 0.1, 'theta': 0.5, 'phase': 'quadratic', 'phase_scale': 6.283185307179586}} in", 1),
     ("resume a run of another recipe", ["train", "tiny-cpu-extend", *tiny_args("{run}", "{data}")],
      "holds a run of recipe 'tiny-cpu'", 1),
     ("extend from nowhere", extend(source="{nowhere}"), "No complete checkpoint at {nowhere}", 1),
