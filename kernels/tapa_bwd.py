@@ -11,13 +11,15 @@ P = softmax probabilities and dS = P * (dO.V^T - delta), the score s = amp * cos
     d_amp = dS * cos(angle)        d_phi = -dS * amp * sin(angle) * 2 pi |m - n|^alpha
 
 and the amplitude / phase parts of dQ, dK are products of these with the other side's parts.
+Constant factors (1/sqrt(A), -2 pi ln 2) are applied once to the accumulated gradients at the
+store, not per score.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from tapa_kernels.tapa_fwd import LOG2E, interpreting, kernel_options, kernel_scalars, mma_warps
+from tapa_kernels.tapa_fwd import LN2, LOG2E, interpreting, kernel_options, kernel_scalars, mma_warps
 from tapa_kernels.tapa_score import (
     TWO_PI,
     cos_radians,
@@ -35,20 +37,26 @@ from tapa_kernels.tapa_score import (
 DELTA_BLOCK = 64  # query rows per program of the delta kernel
 
 
+# d_phi's constant: -2 pi from d cos(2 pi t), ln 2 as the amplitude is in base-2 logits.
+PHASE_GRAD_SCALE = tl.constexpr(-TWO_PI.value * LN2.value)
+
+
 @triton.jit
 def recompute_probs(amp, angle, visible, lse, FAST_MATH: tl.constexpr):
-    """Softmax probabilities of a tile from the saved lse (pre-broadcast); also returns cos(angle)."""
+    """Softmax probabilities of a tile from base-2 amplitudes (amp_scale log2(e) row_A . col_A)
+    and the saved lse in base 2 (pre-broadcast); also returns cos(angle)."""
     cos = cos_radians(angle, FAST_MATH)
-    probs = tl.where(visible, tl.exp2((amp * cos - lse) * LOG2E), 0.0)
+    probs = tl.where(visible, tl.exp2(amp * cos - lse), 0.0)
     return probs, cos
 
 
 @triton.jit
 def score_grads(probs, dprobs, delta, amp, dist, angle, cos, FAST_MATH: tl.constexpr):
-    """Gradients wrt the amplitude and the phase phi of a tile, from dP = dO.V^T (delta pre-broadcast)."""
+    """Gradients wrt the amplitude and the phase phi of a tile, from dP = dO.V^T (delta
+    pre-broadcast): d_amp = dS cos, and d_phi without its constant PHASE_GRAD_SCALE."""
     dscores = probs * (dprobs - delta)
     d_amp = dscores * cos
-    d_phi = dscores * amp * dist * sin_radians(angle, FAST_MATH) * -TWO_PI
+    d_phi = dscores * amp * dist * sin_radians(angle, FAST_MATH)
     return d_amp, d_phi
 
 
@@ -99,7 +107,7 @@ def _tapa_bwd_dkdv_kernel(
     stride_dot, stride_doh, stride_dod,
     stride_dkt, stride_dkh, stride_dkd,
     stride_dvt, stride_dvh, stride_dvd,
-    total_q, alpha, amp_scale, phase_scale, group,
+    total_q, alpha, amp_scale, log2_phase_scale, group,
     AMP: tl.constexpr, PHASE: tl.constexpr, AMP_PAD: tl.constexpr, PHASE_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, PHASE_QUADRATIC: tl.constexpr, CAUSAL: tl.constexpr,
     FAST_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -144,12 +152,13 @@ def _tapa_bwd_dkdv_kernel(
                 AMP, PHASE, AMP_PAD, PHASE_PAD, PHASE_QUADRATIC,
             )
             do = load_rows(do_head_ptr, q_start, offs_m, q_len, stride_dot, stride_dod, dims, HEAD_DIM)
-            lse = tl.load(lse_head_ptr + offs_m, mask=q_valid, other=0.0)
+            lse = tl.load(lse_head_ptr + offs_m, mask=q_valid, other=0.0) * LOG2E
             delta = tl.load(delta_head_ptr + offs_m, mask=q_valid, other=0.0)
             amp, dist, angle = score_parts(
-                k_amp, k_phase, q_amp, q_phase, k_pos, q_pos, alpha, amp_scale, phase_scale,
+                k_amp, k_phase, q_amp, q_phase, k_pos, q_pos, alpha, log2_phase_scale,
                 PHASE_QUADRATIC, DOT_PRECISION, FAST_MATH,
             )
+            amp *= amp_scale * LOG2E
             visible = is_visible(q_pos[None, :], k_pos[:, None], q_valid[None, :], (offs_n < k_len)[:, None], CAUSAL)
             probs, cos = recompute_probs(amp, angle, visible, lse[None, :], FAST_MATH)
             dv = tl.dot(probs.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
@@ -159,7 +168,7 @@ def _tapa_bwd_dkdv_kernel(
             dk_phase = accumulate_phase_grad(dk_phase, d_phi, q_phase, PHASE_QUADRATIC, DOT_PRECISION)
 
     store_split_rows(
-        dk_ptr + kv_head * stride_dkh, dk_amp * amp_scale, phase_grad_rows(dk_phase * phase_scale, PHASE_QUADRATIC),
+        dk_ptr + kv_head * stride_dkh, dk_amp * amp_scale, phase_grad_rows(dk_phase * PHASE_GRAD_SCALE, PHASE_QUADRATIC),
         k_start, offs_n, k_len, stride_dkt, stride_dkd, AMP, PHASE, AMP_PAD, PHASE_PAD,
     )
     store_rows(dv_ptr + kv_head * stride_dvh, dv, k_start, offs_n, k_len, stride_dvt, stride_dvd, dims, HEAD_DIM)
@@ -174,7 +183,7 @@ def _tapa_bwd_dq_kernel(
     stride_vt, stride_vh, stride_vd,
     stride_dot, stride_doh, stride_dod,
     stride_dqt, stride_dqh, stride_dqd,
-    total_q, alpha, amp_scale, phase_scale, group,
+    total_q, alpha, amp_scale, log2_phase_scale, group,
     AMP: tl.constexpr, PHASE: tl.constexpr, AMP_PAD: tl.constexpr, PHASE_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, PHASE_QUADRATIC: tl.constexpr, CAUSAL: tl.constexpr,
     FAST_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -200,7 +209,7 @@ def _tapa_bwd_dq_kernel(
         AMP, PHASE, AMP_PAD, PHASE_PAD, PHASE_QUADRATIC,
     )
     do = load_rows(do_ptr + head * stride_doh, q_start, offs_m, q_len, stride_dot, stride_dod, dims, HEAD_DIM)
-    lse = tl.load(lse_ptr + head * total_q + q_start + offs_m, mask=q_valid, other=0.0)
+    lse = tl.load(lse_ptr + head * total_q + q_start + offs_m, mask=q_valid, other=0.0) * LOG2E
     delta = tl.load(delta_ptr + head * total_q + q_start + offs_m, mask=q_valid, other=0.0)
     q_pos = load_positions(q_pos_ptr, q_start, offs_m, q_len)
 
@@ -215,9 +224,10 @@ def _tapa_bwd_dq_kernel(
         )
         v = load_rows(v_ptr, k_start, offs_n, k_len, stride_vt, stride_vd, dims, HEAD_DIM)
         amp, dist, angle = score_parts(
-            q_amp, q_phase, k_amp, k_phase, q_pos, k_pos, alpha, amp_scale, phase_scale, PHASE_QUADRATIC, DOT_PRECISION,
+            q_amp, q_phase, k_amp, k_phase, q_pos, k_pos, alpha, log2_phase_scale, PHASE_QUADRATIC, DOT_PRECISION,
             FAST_MATH,
         )
+        amp *= amp_scale * LOG2E
         visible = is_visible(q_pos[:, None], k_pos[None, :], q_valid[:, None], (offs_n < k_len)[None, :], CAUSAL)
         probs, cos = recompute_probs(amp, angle, visible, lse[:, None], FAST_MATH)
         dprobs = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
@@ -226,7 +236,7 @@ def _tapa_bwd_dq_kernel(
         dq_phase = accumulate_phase_grad(dq_phase, d_phi, k_phase, PHASE_QUADRATIC, DOT_PRECISION)
 
     store_split_rows(
-        dq_ptr + head * stride_dqh, dq_amp * amp_scale, phase_grad_rows(dq_phase * phase_scale, PHASE_QUADRATIC),
+        dq_ptr + head * stride_dqh, dq_amp * amp_scale, phase_grad_rows(dq_phase * PHASE_GRAD_SCALE, PHASE_QUADRATIC),
         q_start, offs_m, q_len, stride_dqt, stride_dqd, AMP, PHASE, AMP_PAD, PHASE_PAD,
     )
 

@@ -133,9 +133,9 @@ def is_visible(q_pos, k_pos, q_valid, k_valid, CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def log2_at_least_one(x, FAST_MATH: tl.constexpr):
-    """log2 of x >= 1: the GPU's approximate lg2 (a single MUFU op; relative error ~2^-22 for x >= 1)
-    instead of libdevice's __nv_log2f (about 20 instructions and a branch for denormals)."""
+def approx_log2(x, FAST_MATH: tl.constexpr):
+    """log2 of x >= 0: the GPU's approximate lg2 (a single MUFU op, relative error ~2^-22 for x >= 1,
+    -inf at 0 as PTX specifies) instead of libdevice's __nv_log2f (~20 instructions and a branch)."""
     if FAST_MATH:
         result = tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1)
     else:
@@ -144,22 +144,27 @@ def log2_at_least_one(x, FAST_MATH: tl.constexpr):
 
 
 @triton.jit
-def distance_power(row_pos, col_pos, alpha, FAST_MATH: tl.constexpr):
-    """|m - n|^alpha for a tile, 0 where m == n. row_pos (R,), col_pos (C,) int64 -> (R, C) fp32.
+def distance_power(row_pos, col_pos, alpha, log2_scale, FAST_MATH: tl.constexpr):
+    """scale * |m - n|^alpha for a tile, 0 where m == n. row_pos (R,), col_pos (C,) int64 -> (R, C)
+    fp32; log2_scale = log2(scale), which is how the phase's 1/sqrt(P) rides along for free.
 
-    exp2(alpha log2 d): with FAST_MATH two MUFU ops per score (lg2.approx, ex2.approx) and no
-    branch. Its relative error is ~ln2 alpha log2(d) fp32 ulp (the rounding of alpha log2 d),
-    ~1e-6 at d = 128K, alpha = 0.5; the phase multiplies it by phi |m - n|^alpha. (A binomial
-    series around a tile's center distance was more exact far off the diagonal, but choosing it
-    per tile took a runtime `if`, and with it a layout conversion through shared memory and
-    barriers every iteration.) Integer work is int64 on the (R,) and (C,) vectors only.
+    exp2(alpha log2 d + log2_scale): with FAST_MATH one FFMA and two MUFU ops per score, no branch
+    and no select: lg2.approx(0) = -inf and ex2.approx(-inf) = 0 give the diagonal's 0 (alpha > 0).
+    The relative error is ~ln2 alpha log2(d) fp32 ulp (the rounding of alpha log2 d), ~1e-6 at
+    d = 128K, alpha = 0.5. d is an fp32 difference of positions relative to the row tile's smallest
+    (int64 work on the (R,) and (C,) vectors only; an int subtract, abs and int-to-float convert per
+    score cost three instructions, the float one): exact while they lie within 2^24 of it, beyond
+    that rounded by at most one fp32 ulp of the offset.
     """
     row_min = tl.min(row_pos, 0)
-    # Positions relative to the tile's smallest row one: exact in int32 while a tile pair
-    # spans less than 2^31 positions.
-    diff = (row_pos - row_min).to(tl.int32)[:, None] - (col_pos - row_min).to(tl.int32)[None, :]
-    d = tl.abs(diff).to(tl.float32)
-    return tl.where(d > 0, tl.exp2(alpha * log2_at_least_one(tl.maximum(d, 1.0), FAST_MATH)), 0.0)
+    row_rel = (row_pos - row_min).to(tl.float32)
+    col_rel = (col_pos - row_min).to(tl.float32)
+    d = tl.abs(row_rel[:, None] - col_rel[None, :])
+    if FAST_MATH:
+        dist = tl.exp2(alpha * approx_log2(d, FAST_MATH) + log2_scale)
+    else:  # numpy warns on log2(0)
+        dist = tl.where(d > 0, tl.exp2(alpha * approx_log2(tl.maximum(d, 1.0), FAST_MATH) + log2_scale), 0.0)
+    return dist
 
 
 @triton.jit
@@ -173,9 +178,16 @@ def phase_product(row_phase, col_phase, PHASE_QUADRATIC: tl.constexpr, DOT_PRECI
 
 
 @triton.jit
-def turns_to_radians(turns):
-    """2 pi * turns, reduced first in turns (exactly) to [-1/2, 1/2], so the angle lies in [-pi, pi]."""
-    return (turns - tl.floor(turns + 0.5)) * TWO_PI
+def turns_to_radians(turns, FAST_MATH: tl.constexpr):
+    """2 pi * turns, reduced first in turns (exactly) to [-1/2, 1/2], so the angle lies in [-pi, pi].
+    FAST_MATH rounds to the nearest integer in one instruction (cvt.rni: FRND) instead of floor(t + 1/2)."""
+    if FAST_MATH:
+        nearest = tl.inline_asm_elementwise(
+            "cvt.rni.f32.f32 $0, $1;", "=f,f", [turns], dtype=tl.float32, is_pure=True, pack=1
+        )
+    else:
+        nearest = tl.floor(turns + 0.5)
+    return (turns - nearest) * TWO_PI
 
 
 @triton.jit
@@ -204,11 +216,14 @@ def sin_radians(angle, FAST_MATH: tl.constexpr):
 
 @triton.jit
 def score_parts(
-    row_amp, row_phase, col_amp, col_phase, row_pos, col_pos, alpha, amp_scale, phase_scale,
+    row_amp, row_phase, col_amp, col_phase, row_pos, col_pos, alpha, log2_phase_scale,
     PHASE_QUADRATIC: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
 ):
-    """The parts of a score tile: amplitude, |m - n|^alpha and the phase angle, so that s = amp * cos(angle)."""
-    amp = tl.dot(row_amp, tl.trans(col_amp), input_precision=DOT_PRECISION) * amp_scale
-    dist = distance_power(row_pos, col_pos, alpha, FAST_MATH)
-    phi = phase_product(row_phase, col_phase, PHASE_QUADRATIC, DOT_PRECISION) * phase_scale
-    return amp, dist, turns_to_radians(dist * phi)
+    """The parts of a score tile, unscaled where a scale can go elsewhere: the amplitude product
+    row_A . col_A (s = amp_scale * amp * cos(angle)), dist = |m - n|^alpha / sqrt(P) and the phase
+    angle 2 pi dist (row_P . col_P). Callers fold amp_scale into what they do next (one multiply
+    per score fewer); the phase scale rides in dist's exponent."""
+    amp = tl.dot(row_amp, tl.trans(col_amp), input_precision=DOT_PRECISION)
+    dist = distance_power(row_pos, col_pos, alpha, log2_phase_scale, FAST_MATH)
+    phi = phase_product(row_phase, col_phase, PHASE_QUADRATIC, DOT_PRECISION)
+    return amp, dist, turns_to_radians(dist * phi, FAST_MATH)

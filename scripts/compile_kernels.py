@@ -71,7 +71,7 @@ POINTEE_TYPES = {
     "lse_ptr": "fp32", "delta_ptr": "fp32", "dlse_ptr": "fp32",
     "q_pos_ptr": "i64", "k_pos_ptr": "i64", "cu_seqlens_q": "i32", "cu_seqlens_k": "i32",
 }
-FLOAT_SCALARS = ("alpha", "amp_scale", "phase_scale")  # as tapa_fwd.kernel_scalars passes them
+FLOAT_SCALARS = ("alpha", "amp_scale", "log2_phase_scale")  # as tapa_fwd.kernel_scalars passes them
 DIVISIBLE_BY_16 = [["tt.divisibility", 16]]
 ASYNC_COPY = re.compile(r"\bcp\.async\.c[ag]\.shared\.global\b")
 

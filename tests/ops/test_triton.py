@@ -237,17 +237,18 @@ def test_launcher_refuses_what_the_kernels_cannot_do(dtype, head_dim, amp_dim, m
 
 
 @triton.jit
-def _distance_power_kernel(row_ptr, col_ptr, out_ptr, alpha, ROWS: tl.constexpr, COLS: tl.constexpr):
+def _distance_power_kernel(row_ptr, col_ptr, out_ptr, alpha, log2_scale, ROWS: tl.constexpr, COLS: tl.constexpr):
     rows, cols = tl.arange(0, ROWS), tl.arange(0, COLS)
-    dist = distance_power(tl.load(row_ptr + rows), tl.load(col_ptr + cols), alpha, FAST_MATH=False)
+    dist = distance_power(tl.load(row_ptr + rows), tl.load(col_ptr + cols), alpha, log2_scale, FAST_MATH=False)
     tl.store(out_ptr + rows[:, None] * COLS + cols[None, :], dist)
 
 
 @pytest.mark.parametrize("alpha", [0.1, 0.5, 1.5])
 def test_distance_power_matches_exact_power(alpha):
     """distance_power on tiles far off the diagonal (on either side, strided), near it, on it and
-    unsorted: within 4e-6 relative of |m - n|^alpha in float64 (the fp32 rounding of
-    alpha log2 d at d ~ 1e6), exactly 0 on the diagonal."""
+    unsorted: within 4e-6 relative of |m - n|^alpha / sqrt(32) in float64 (the fp32 rounding of
+    alpha log2 d at d ~ 1e6; the scale rides in the exponent as the kernels' 1/sqrt(P)), exactly 0
+    on the diagonal."""
     gen = torch.Generator().manual_seed(0)
     base = torch.arange(32)
 
@@ -263,8 +264,8 @@ def test_distance_power_matches_exact_power(alpha):
     ]
     for rows, cols in tiles:
         out = torch.empty(32, 32, device=DEVICE)
-        _distance_power_kernel[(1,)](rows.to(DEVICE), cols.to(DEVICE), out, alpha, ROWS=32, COLS=32)
-        exact = (rows[:, None] - cols[None, :]).abs().double() ** alpha
+        _distance_power_kernel[(1,)](rows.to(DEVICE), cols.to(DEVICE), out, alpha, -2.5, ROWS=32, COLS=32)
+        exact = (rows[:, None] - cols[None, :]).abs().double() ** alpha / 32**0.5
         torch.testing.assert_close(out.cpu().double(), exact, atol=0, rtol=4e-6)
 
 
