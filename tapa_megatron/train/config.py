@@ -48,6 +48,7 @@ class TrainingConfig:
     skip_nonfinite_steps: int = 0  # NaN/Inf steps skipped (not applied, logged) per job before stopping (guard.py)
     eval_every: int = 0  # validation loss every this many steps and at the end (0: never); evaluate.py
     eval_iters: int = 4  # held-out global batches per validation (the same ones each time)
+    grad_norm_groups: bool = False  # also record grad norms by parameter group at logged steps (grad_groups.py; CPU engine)
 
 
 @dataclass

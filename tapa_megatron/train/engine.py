@@ -34,6 +34,7 @@ from megatron.core.tensor_parallel.layers import param_is_not_tensor_parallel_du
 from torch.overrides import TorchFunctionMode
 
 from tapa_megatron.train import pipeline, step
+from tapa_megatron.train.grad_groups import GradGroups
 
 # What Megatron-LM's checkpointing asks of the distributed optimizer (the non-deprecated format).
 DISTRIBUTED_OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
@@ -45,6 +46,7 @@ class StepResult:
     grad_norm: float  # before clipping
     lr: float  # the learning rate this step used
     applied: bool = True  # False: the loss or gradient norm was NaN/Inf and the update was not applied (guard.py)
+    grad_norms: dict | None = None  # {parameter group: norm} before clipping, with training.grad_norm_groups
 
 
 def lr_scheduler(optimizer, cfg):
@@ -133,6 +135,7 @@ class PortableEngine:
                                            eps=o.eps)
         self.scheduler = lr_scheduler(self.optimizer, cfg)
         self.scheduler.step(0)
+        self.grad_groups = GradGroups(model) if cfg.training.grad_norm_groups else None
 
     def forward_backward(self, micro_batches, forward_only=False):
         """Gradients of the global batch's mean loss in the parameters (none with forward_only); the
@@ -161,9 +164,10 @@ class PortableEngine:
     def train_step(self, micro_batches):
         logs = self.forward_backward(micro_batches)
         grad_norm = self._grad_norm()
+        grad_norms = self.grad_groups.norms() if self.grad_groups else None
         loss, lr = step.global_mean_loss(logs, device="cpu"), self.lr
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):  # the same on every rank: both are global
-            return StepResult(loss=loss, grad_norm=grad_norm, lr=lr, applied=False)
+            return StepResult(loss=loss, grad_norm=grad_norm, lr=lr, applied=False, grad_norms=grad_norms)
         clip = self.cfg.optimizer.clip_grad
         if clip > 0 and grad_norm > clip:
             for param in self.model.parameters():
@@ -171,7 +175,7 @@ class PortableEngine:
                     param.grad.mul_(clip / (grad_norm + 1e-6))
         self.optimizer.step()
         self.scheduler.step(1)
-        return StepResult(loss=loss, grad_norm=grad_norm, lr=lr)
+        return StepResult(loss=loss, grad_norm=grad_norm, lr=lr, grad_norms=grad_norms)
 
     @property
     def lr(self):
@@ -213,6 +217,9 @@ class MegatronEngine:
         from megatron.core.distributed import DistributedDataParallel
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
+        if cfg.training.grad_norm_groups:
+            raise ValueError("training.grad_norm_groups runs on the portable (CPU) engine only: Megatron's distributed "
+                             "optimizer leaves each rank only its shard of the reduced gradients; set it false on GPU.")
         self.cfg = cfg
         config = model.config
         ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=True,

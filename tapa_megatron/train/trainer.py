@@ -35,6 +35,7 @@ class TrainResult:
     start_step: int
     preempted: bool = False  # stopped early on stop_requested, with a checkpoint: run again to continue
     validation: list = field(default_factory=list)  # (step, validation loss) for every evaluation this call ran
+    grad_norm_groups: list = field(default_factory=list)  # (step, {group: norm}) at logged steps (grad_norm_groups)
 
 
 def padded_vocab_size(vocab_size, tensor_parallel):
@@ -156,7 +157,7 @@ def _train(cfg, env, say, stop_requested):
     validation = []
     started = time.perf_counter()
     guard, identity = NonFiniteGuard(cfg, env.device, report=say), compat.identity(tokenizer, vocab_size)
-    losses = []
+    losses, grad_norm_groups = [], []
     preempted = False
     metrics.start()
     since_log = 0
@@ -171,6 +172,8 @@ def _train(cfg, env, say, stop_requested):
         if done % t.log_every == 0 or done == t.steps:
             metrics.log(done, result.loss, result.lr, result.grad_norm, since_log)
             since_log = 0
+            if result.grad_norms is not None:
+                grad_norm_groups.append((done, result.grad_norms))
         if stop_requested is not None and done < last_step and _on_any_rank(stop_requested(), env.device):
             say(f"[preempt] stop requested: every rank stops after step {done} and checkpoints it")
             last_step, preempted = done, True
@@ -193,4 +196,4 @@ def _train(cfg, env, say, stop_requested):
             say(line)
     metrics.close()
     return TrainResult(losses=losses, final_checkpoint=final, start_step=start_step, preempted=preempted,
-                       validation=validation)
+                       validation=validation, grad_norm_groups=grad_norm_groups)
