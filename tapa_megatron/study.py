@@ -42,6 +42,14 @@ VARIANTS = {
     "tapa alpha 0.05": ["model.position=tapa", "model.tapa.alpha=0.05"],
     "tapa theta 0.75": ["model.position=tapa", "model.tapa.theta=0.75"],
     "tapa phase_scale 1 lr 1e-3": ["model.position=tapa", "model.tapa.phase_scale=1.0", "optimizer.lr=1e-3"],
+    # phase_scale 1's first angles at 2 pi: phi is bilinear in q_P, k_P, so both scaled by (2 pi)^-1/2; Adam's
+    # steps on the angle stay 2 pi x phase_scale 1's, so this separates the init from the training dynamics
+    "tapa phase_init_scale 0.4": ["model.position=tapa", "model.tapa.phase_init_scale=0.3989422804014327"],
+    # a second initialisation (training.seed) of the four main rows: how far one seed's numbers can be trusted
+    "tapa seed 2": ["model.position=tapa", "training.seed=2"],
+    "tapa phase_scale 1 seed 2": ["model.position=tapa", "model.tapa.phase_scale=1.0", "training.seed=2"],
+    "rope seed 2": ["model.position=rope", "training.seed=2"],
+    "nope seed 2": ["model.position=none", "training.seed=2"],
 }
 MULTIPLES = (1, 4, 16)
 GROUP_PANELS = 4  # grad_norm_groups.png: the first variants run (TAPA, phase_scale 1, RoPE, NoPE)

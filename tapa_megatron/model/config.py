@@ -30,6 +30,9 @@ class TapaSettings:
     # the angle is phase_scale * |m - n|^alpha * phi: 2 pi as the paper writes it; a public forward-only
     # TAPA kernel uses 1. Applied by scaling q_P (and k_P for the linear phase) before the op.
     phase_scale: float = 2 * math.pi
+    # the q/k phase projections' initial weights times this (1: Megatron's init, as in the paper);
+    # read at build only, so checkpoints and conversion are unaffected
+    phase_init_scale: float = 1.0
     backend: str = "auto"  # "auto": Triton kernels on CUDA, the block-wise torch path on CPU
 
 
@@ -83,6 +86,9 @@ class ModelConfig:
         if not (math.isfinite(self.tapa.phase_scale) and self.tapa.phase_scale > 0):
             raise ValueError(f"model.tapa.phase_scale={self.tapa.phase_scale} must be a finite number > 0 "
                              "(the paper's is 2 pi = 6.283185307179586).")
+        if not (math.isfinite(self.tapa.phase_init_scale) and self.tapa.phase_init_scale > 0):
+            raise ValueError(f"model.tapa.phase_init_scale={self.tapa.phase_init_scale} must be a finite number > 0 "
+                             "(1 keeps Megatron's init).")
         if self.position == "tapa":
             amplitude_dim(self.head_dim, self.tapa.theta)  # raises for a theta that does not split D
         if self.rope.scaling not in SCALINGS:

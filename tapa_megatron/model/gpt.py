@@ -11,6 +11,7 @@ TAPA always reads positions in its core attention.
 from megatron.core.models.gpt import GPTModel
 
 from tapa_megatron.model.config import ModelConfig
+from tapa_megatron.model.qkv import scale_phase_rows
 from tapa_megatron.model.specs import gpt_layer_spec, transformer_engine_available
 
 
@@ -38,7 +39,7 @@ def build_gpt_model(model: ModelConfig, config, *, vocab_size, max_sequence_leng
         megatron_positions = use_transformer_engine
     megatron_positions = megatron_positions and model.position != "tapa"
     positions = megatron_position_options(model) if megatron_positions else dict(position_embedding_type="none")
-    return GPTModel(
+    gpt = GPTModel(
         config=config,
         transformer_layer_spec=gpt_layer_spec(model.position, use_transformer_engine, megatron_positions),
         vocab_size=vocab_size,
@@ -48,3 +49,6 @@ def build_gpt_model(model: ModelConfig, config, *, vocab_size, max_sequence_leng
         share_embeddings_and_output_weights=model.tie_embeddings,
         **positions,
     )
+    if model.position == "tapa" and model.tapa.phase_init_scale != 1.0:
+        scale_phase_rows(gpt, model.tapa.phase_init_scale)
+    return gpt

@@ -73,7 +73,7 @@ def _position_settings(model):
     # Defaults first: a checkpoint saved before a setting existed ran with its default.
     if model["position"] == "tapa":
         settings = {**to_dict(TapaSettings()), **model["tapa"]}
-        return {key: value for key, value in settings.items() if key != "backend"}
+        return {key: value for key, value in settings.items() if key not in ("backend", "phase_init_scale")}
     if model["position"] == "rope":
         return {**to_dict(RopeSettings()), **model["rope"]}
     return {}

@@ -6,10 +6,7 @@ q and k rows are "qk"), the v rows ("v"), and the other parameters by kind ("att
 "embedding", "output layer", "norms"). The groups' squared norms sum to the total grad norm's square.
 Only read: the gradients and so the training numerics are untouched.
 
-Megatron's linear_qkv output, per tensor-parallel partition, is laid out by query group
-(attention.py, get_query_key_value_tensors): [ng, np/ng + 2, hn] = each group's np/ng query heads, then
-its key head, then its value head; TAPA's core attention splits every head's hn dims into the first
-A = theta * hn (amplitude) and the other hn - A (phase).
+The q/k/v rows follow Megatron's linear_qkv layout (model/qkv.py).
 """
 
 import math
@@ -20,28 +17,11 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel.layers import param_is_not_tensor_parallel_duplicate
 from megatron.core.transformer.attention import SelfAttention
 
-from tapa_megatron.ops import amplitude_dim
+from tapa_megatron.model.qkv import QK, QK_AMPLITUDE, QK_PHASE, V, qkv_row_groups
 
-QK_AMPLITUDE, QK_PHASE, V = "qk amplitude", "qk phase", "v"
-QK = "qk"  # RoPE / NoPE: q and k rows, no amplitude / phase split
 KINDS = (("norm", "norms"), ("linear_proj", "attention out"), ("mlp", "mlp"), ("embedding", "embedding"),
          ("output_layer", "output layer"))  # the first name part that matches decides (TE's fused norms are norms)
 GROUPS = (QK_PHASE, QK_AMPLITUDE, QK, V, *(group for _, group in KINDS))  # one order on every rank
-
-
-def qkv_row_groups(attention):
-    """The group of every output row of one SelfAttention's linear_qkv (this partition's rows)."""
-    config = attention.config
-    heads, groups = attention.num_attention_heads_per_partition, attention.num_query_groups_per_partition
-    head_dim = attention.hidden_size_per_attention_head
-    if config.num_query_groups < parallel_state.get_tensor_model_parallel_world_size():
-        raise ValueError("training.grad_norm_groups needs num_query_groups >= tensor parallel size (with fewer, "
-                         "Megatron replicates key/value heads across ranks); lower parallel.tensor or turn it off.")
-    tapa = config.position_scheme == "tapa"
-    amp = amplitude_dim(head_dim, config.tapa_theta) if tapa else head_dim
-    q_or_k = [QK_AMPLITUDE if d < amp else QK_PHASE for d in range(head_dim)] if tapa else [QK] * head_dim
-    per_group = q_or_k * (heads // groups + 1) + [V] * head_dim  # np/ng query heads, the key head, the value head
-    return per_group * groups
 
 
 class GradGroups:

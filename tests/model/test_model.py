@@ -188,6 +188,7 @@ def test_spec_replaces_only_core_attention():
     (dict(num_attention_heads=3), "not divisible by num_attention_heads"),
     (dict(num_query_groups=3), "not divisible by num_query_groups"),
     (dict(tapa=TapaSettings(phase_scale=0.0)), "model.tapa.phase_scale=0.0 must be a finite number > 0"),
+    (dict(tapa=TapaSettings(phase_init_scale=-1.0)), "model.tapa.phase_init_scale=-1.0 must be a finite number > 0"),
 ])
 def test_model_config_errors(overrides, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):

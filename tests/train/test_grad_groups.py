@@ -1,6 +1,7 @@
-"""Grad norms by parameter group (grad_groups.py) against direct computations on a tiny model: the q/k
-phase / amplitude and v rows are the ones Megatron's own get_query_key_value_tensors routes there, the
-groups' squares sum to the engine's total grad norm, and recording them leaves training bit-identical."""
+"""The q/k/v row split (model/qkv.py) and grad norms by parameter group (grad_groups.py) against direct
+computations on a tiny model: the q/k phase / amplitude and v rows are the ones Megatron's own
+get_query_key_value_tensors routes there, the groups' squares sum to the engine's total grad norm,
+recording them leaves training bit-identical, and model.tapa.phase_init_scale scales the phase rows only."""
 
 import pytest
 import torch
@@ -85,6 +86,25 @@ def test_group_squares_sum_to_the_total_and_training_is_unchanged(megatron_singl
     for r in recorded:
         assert set(r.grad_norms) == qk_groups | {"v", "attention out", "mlp", "embedding", "output layer", "norms"}
         assert sum(n ** 2 for n in r.grad_norms.values()) == pytest.approx(r.grad_norm ** 2, rel=1e-9)
+
+
+def test_phase_init_scale_scales_the_phase_rows_only(megatron_single_rank):
+    from tapa_megatron.model import build_gpt_model, transformer_config
+
+    weights = {}
+    for factor in (1.0, 0.25):
+        cfg = _cfg("model.position=tapa", f"model.tapa.phase_init_scale={factor}")
+        torch.manual_seed(0)
+        model = build_gpt_model(cfg.model, transformer_config(cfg.model), vocab_size=VOCAB, max_sequence_length=SEQ)
+        weights[factor] = model
+    for plain, scaled in zip(weights[1.0].decoder.layers, weights[0.25].decoder.layers):
+        rows = _megatron_rows(plain.self_attention, amp_dim=16)
+        w, w_scaled = plain.self_attention.linear_qkv.weight, scaled.self_attention.linear_qkv.weight
+        torch.testing.assert_close(w_scaled[rows["qk phase"]], 0.25 * w[rows["qk phase"]], rtol=0, atol=0)
+        other = rows["qk amplitude"] + rows["v"]
+        assert torch.equal(w_scaled[other], w[other])
+    named = dict(weights[0.25].named_parameters())
+    assert all(torch.equal(p, named[n]) for n, p in weights[1.0].named_parameters() if "linear_qkv" not in n)
 
 
 def test_megatron_engine_refuses_grad_norm_groups():
