@@ -3,6 +3,7 @@
     tapa data prepare --corpus gutenberg --out data/gutenberg
     tapa train tiny-cpu training.steps=50
     tapa extend tiny-cpu-extend --from runs/tiny-cpu
+    tapa status runs/tiny-cpu
     tapa bench attention
 """
 
@@ -128,6 +129,15 @@ def cmd_submit(args):
         raise SystemExit(f"tapa submit: {err}") from None
 
 
+def cmd_status(args):
+    from tapa_megatron.launch import status
+
+    try:
+        status.run(args.run_dir, as_json=args.json, with_slurm=False if args.no_slurm else None)
+    except status.StatusError as err:
+        raise SystemExit(f"tapa status: {err}") from None
+
+
 def cmd_data_prepare(args):
     from tapa_megatron.data import prepare
 
@@ -228,6 +238,16 @@ def build_parser():
                         help="submit into a run directory that holds another recipe's run")
     submit.add_argument("--dry-run", action="store_true", help="print the batch script(s); submit nothing")
     submit.set_defaults(handler=cmd_submit)
+
+    status = commands.add_parser(
+        "status", help="a run's (or a chain's) step, loss, speed, ETA, checkpoint and Slurm jobs",
+        description="Where a run stands, from its run directory (config.yaml, progress.json, validation.jsonl, "
+                    "checkpoints/, the jobs tapa submit kept in logs/), and each job's state from squeue/sacct "
+                    "when Slurm is there. Given a chain's parent directory, every stage in submission order.")
+    status.add_argument("run_dir", metavar="RUN_DIR", help="a run directory, or a chain's parent directory")
+    status.add_argument("--json", action="store_true", help="print JSON instead of text")
+    status.add_argument("--no-slurm", action="store_true", help="do not ask Slurm; read the run directory only")
+    status.set_defaults(handler=cmd_status)
 
     data = commands.add_parser("data", help="prepare training data")
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
