@@ -121,7 +121,9 @@ def cmd_submit(args):
     job = submit.JobRequest(nodes=args.nodes, gpus_per_node=args.gpus_per_node, time=args.time,
                             tasks_per_node=args.tasks_per_node, cpus_per_task=args.cpus_per_task,
                             partition=args.partition, account=args.account,
-                            signal_lead=args.signal_lead, launcher=args.launcher)
+                            signal_lead=args.signal_lead, launcher=args.launcher, qos=args.qos,
+                            constraint=args.constraint, reservation=args.reservation, exclusive=args.exclusive,
+                            sbatch_args=tuple(args.sbatch_arg))
     try:
         submit.run([resolve_recipe(name) for name in recipes], overrides, job, run_dir=args.run_dir,
                    force=args.force, dry_run=args.dry_run)
@@ -228,6 +230,13 @@ def build_parser():
     submit.add_argument("--time", required=True, help="time limit of each job, [D-]HH:MM:SS")
     submit.add_argument("--partition")
     submit.add_argument("--account")
+    submit.add_argument("--qos", help="sbatch --qos")
+    submit.add_argument("--constraint", help="sbatch --constraint (node features, e.g. h100)")
+    submit.add_argument("--reservation", help="sbatch --reservation")
+    submit.add_argument("--exclusive", action="store_true", help="sbatch --exclusive: whole nodes")
+    submit.add_argument("--sbatch-arg", action="append", default=[], metavar="KEY[=VALUE]",
+                        help="any other sbatch option, by its long name without dashes (repeatable), e.g. "
+                             "--sbatch-arg mail-type=END; options tapa submit sets itself are refused")
     submit.add_argument("--run-dir", help="the run directory (default: the recipe's run_dir); with --chain, "
                                           "the parent of one directory per stage")
     submit.add_argument("--signal-lead", type=int, default=300, metavar="SECONDS",

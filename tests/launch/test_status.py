@@ -66,13 +66,15 @@ def test_status_refuses_a_directory_that_holds_no_run(tmp_path):
 def test_status_of_a_chain_shows_each_job_from_squeue(slurm_cluster, novels_data, tmp_path):
     parent = tmp_path / "runs"
     stdout = tapa_submit(slurm_cluster, "--chain", "tiny-cpu", "tiny-cpu-extend", *CPU_JOB, "--tasks-per-node", 1,
-                         "--run-dir", parent, f"data.path={novels_data}", *TRAINING, "training.steps=2", cwd=tmp_path)
+                         "--run-dir", parent, f"data.path={novels_data}", *TRAINING, "training.steps=2",
+                         "--sbatch-arg", "hold", cwd=tmp_path)  # held: both still queued when status asks
     first, second = job_ids(stdout)
     waiting = json.loads(tapa("status", parent, "--json", env=slurm_cluster.env))
     assert [stage["name"] for stage in waiting] == ["tiny-cpu", "tiny-cpu-extend"]  # submission order
-    (job,) = waiting[1]["jobs"]
-    assert job["id"] == second and job["state"] == "PENDING" and job["reason"] == "Dependency"
-    assert waiting[0]["jobs"][0]["id"] == first
+    assert [[(job["id"], job["state"]) for job in stage["jobs"]] for stage in waiting] == \
+        [[(first, "PENDING")], [(second, "PENDING")]]
+    assert waiting[0]["jobs"][0]["reason"] == "JobHeldUser"
+    slurm_cluster.run("scontrol", "release", first, second)
 
     for job_id, stage in ((first, "tiny-cpu"), (second, "tiny-cpu-extend")):
         slurm_cluster.wait_for(job_id, "COMPLETED", log=parent / stage / "logs" / f"slurm-{job_id}.out")
