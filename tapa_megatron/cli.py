@@ -3,6 +3,7 @@
     tapa data prepare --corpus gutenberg --out data/gutenberg
     tapa train tiny-cpu training.steps=50
     tapa extend tiny-cpu-extend --from runs/tiny-cpu
+    tapa status runs/tiny-cpu
     tapa bench attention
 """
 
@@ -120,12 +121,23 @@ def cmd_submit(args):
     job = submit.JobRequest(nodes=args.nodes, gpus_per_node=args.gpus_per_node, time=args.time,
                             tasks_per_node=args.tasks_per_node, cpus_per_task=args.cpus_per_task,
                             partition=args.partition, account=args.account,
-                            signal_lead=args.signal_lead, launcher=args.launcher)
+                            signal_lead=args.signal_lead, launcher=args.launcher, qos=args.qos,
+                            constraint=args.constraint, reservation=args.reservation, exclusive=args.exclusive,
+                            sbatch_args=tuple(args.sbatch_arg))
     try:
         submit.run([resolve_recipe(name) for name in recipes], overrides, job, run_dir=args.run_dir,
                    force=args.force, dry_run=args.dry_run)
     except (submit.SubmitError, slurm.SlurmError) as err:
         raise SystemExit(f"tapa submit: {err}") from None
+
+
+def cmd_status(args):
+    from tapa_megatron.launch import status
+
+    try:
+        status.run(args.run_dir, as_json=args.json, with_slurm=False if args.no_slurm else None)
+    except status.StatusError as err:
+        raise SystemExit(f"tapa status: {err}") from None
 
 
 def cmd_data_prepare(args):
@@ -218,6 +230,13 @@ def build_parser():
     submit.add_argument("--time", required=True, help="time limit of each job, [D-]HH:MM:SS")
     submit.add_argument("--partition")
     submit.add_argument("--account")
+    submit.add_argument("--qos", help="sbatch --qos")
+    submit.add_argument("--constraint", help="sbatch --constraint (node features, e.g. h100)")
+    submit.add_argument("--reservation", help="sbatch --reservation")
+    submit.add_argument("--exclusive", action="store_true", help="sbatch --exclusive: whole nodes")
+    submit.add_argument("--sbatch-arg", action="append", default=[], metavar="KEY[=VALUE]",
+                        help="any other sbatch option, by its long name without dashes (repeatable), e.g. "
+                             "--sbatch-arg mail-type=END; options tapa submit sets itself are refused")
     submit.add_argument("--run-dir", help="the run directory (default: the recipe's run_dir); with --chain, "
                                           "the parent of one directory per stage")
     submit.add_argument("--signal-lead", type=int, default=300, metavar="SECONDS",
@@ -228,6 +247,16 @@ def build_parser():
                         help="submit into a run directory that holds another recipe's run")
     submit.add_argument("--dry-run", action="store_true", help="print the batch script(s); submit nothing")
     submit.set_defaults(handler=cmd_submit)
+
+    status = commands.add_parser(
+        "status", help="a run's (or a chain's) step, loss, speed, ETA, checkpoint and Slurm jobs",
+        description="Where a run stands, from its run directory (config.yaml, progress.json, validation.jsonl, "
+                    "checkpoints/, the jobs tapa submit kept in logs/), and each job's state from squeue/sacct "
+                    "when Slurm is there. Given a chain's parent directory, every stage in submission order.")
+    status.add_argument("run_dir", metavar="RUN_DIR", help="a run directory, or a chain's parent directory")
+    status.add_argument("--json", action="store_true", help="print JSON instead of text")
+    status.add_argument("--no-slurm", action="store_true", help="do not ask Slurm; read the run directory only")
+    status.set_defaults(handler=cmd_status)
 
     data = commands.add_parser("data", help="prepare training data")
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")

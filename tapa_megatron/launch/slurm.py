@@ -1,4 +1,5 @@
-"""The Slurm commands tapa submit runs (sinfo, squeue, sbatch), with errors that say what went wrong."""
+"""The Slurm commands tapa submit and tapa status run (sinfo, squeue, sacct, sbatch), with errors that say what
+went wrong."""
 
 import shutil
 import subprocess
@@ -33,6 +34,40 @@ def active_jobs(job_ids):
         return []
     queued = set(_run(["squeue", "--noheader", "--format=%i", "--me"]).split())
     return sorted(set(job_ids) & queued, key=int)
+
+
+def job_states(job_ids):
+    """{job id: (state, elapsed, reason)} for those of job_ids that Slurm still knows: squeue for jobs in the
+    queue or recently ended, sacct (when accounting is on) for older ones. Unknown ids are left out."""
+    if not job_ids:
+        return {}
+    found = {}
+    try:
+        for line in _run(["squeue", "--noheader", "--states=all", f"--jobs={','.join(job_ids)}",
+                          "--format=%i|%T|%M|%r"]).splitlines():
+            job_id, state, elapsed, reason = line.strip().split("|")
+            found[job_id] = (state, elapsed, "" if reason == "None" else reason)
+    except SlurmError as err:
+        if "Invalid job id" not in str(err):  # squeue refuses a list of only ids it no longer knows
+            raise
+    rest = [job_id for job_id in job_ids if job_id not in found]
+    if rest:
+        try:
+            accounted = _run(["sacct", "--noheader", "--parsable2", "--allocations", f"--jobs={','.join(rest)}",
+                              "--format=JobID,State,Elapsed,ExitCode"])
+        except SlurmError:  # accounting is off (or sacct is missing): those jobs are simply not known
+            accounted = ""
+        for line in accounted.splitlines():
+            job_id, state, elapsed, exit_code = line.strip().split("|")
+            if job_id in rest:
+                found[job_id] = (state.split()[0], elapsed, f"exit code {exit_code}" if exit_code != "0:0" else "")
+    return found
+
+
+def test_only(script):
+    """sbatch --test-only: Slurm checks the script's options (partition, QOS, constraint, ...) and says when
+    the job would start; nothing is submitted."""
+    return _run(["sbatch", "--test-only", "--parsable"], stdin=script)
 
 
 def sbatch(script, options=()):

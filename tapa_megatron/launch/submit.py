@@ -47,6 +47,11 @@ class JobRequest:
     account: str | None = None
     signal_lead: int = DEFAULT_SIGNAL_LEAD
     launcher: str = "srun"
+    qos: str | None = None
+    constraint: str | None = None
+    reservation: str | None = None
+    exclusive: bool = False
+    sbatch_args: tuple = ()  # further sbatch options, "KEY=VALUE" or "KEY" (a flag), as --sbatch-arg gives them
 
     @property
     def ranks_per_node(self):
@@ -79,6 +84,53 @@ def time_limit_seconds(text):
     return ((days * 24 + hours) * 60 + minutes) * 60 + seconds
 
 
+# sbatch options tapa submit writes itself, and where each comes from: --sbatch-arg may not set them.
+OWN_OPTIONS = {
+    "job-name": "the recipe's name", "nodes": "--nodes", "ntasks-per-node": "--tasks-per-node",
+    "ntasks": "--nodes x --tasks-per-node", "gpus-per-node": "--gpus-per-node", "cpus-per-task": "--cpus-per-task",
+    "time": "--time", "signal": "--signal-lead", "requeue": "the requeue on USR1", "open-mode": "one log across "
+    "restarts", "output": "the run's logs/slurm-%j.out", "chdir": "the directory tapa submit runs in",
+    "partition": "--partition", "account": "--account", "qos": "--qos", "constraint": "--constraint",
+    "reservation": "--reservation", "exclusive": "--exclusive", "dependency": "--chain",
+    "kill-on-invalid-dep": "--chain", "parsable": "tapa submit", "wrap": "the batch script",
+}
+
+
+def sbatch_option(text):
+    """("--key=value" or "--key") from a --sbatch-arg KEY=VALUE or KEY; SubmitError when sbatch could not take it
+    or tapa submit sets that option itself."""
+    key, has_value, value = text.partition("=")
+    key = key.removeprefix("--")
+    if not re.fullmatch(r"[a-z][a-z0-9-]+", key):
+        raise SubmitError(f"--sbatch-arg {text!r}: give sbatch's long option name without its dashes, as KEY=VALUE "
+                          "or KEY for a flag, e.g. --sbatch-arg mail-type=END or --sbatch-arg overcommit.")
+    if key in OWN_OPTIONS:
+        raise SubmitError(f"--sbatch-arg {text!r}: tapa submit sets --{key} itself (from {OWN_OPTIONS[key]}); "
+                          "drop it here.")
+    if has_value and (not value or any(c in value for c in "\n\r")):
+        raise SubmitError(f"--sbatch-arg {text!r}: the value after = is empty or spans lines.")
+    return f"--{key}={value}" if has_value else f"--{key}"
+
+
+def _extra_options(job):
+    """The pass-through sbatch options of job, as #SBATCH options, checked."""
+    options = []
+    for name in ("qos", "constraint", "reservation"):
+        value = getattr(job, name)
+        if value is not None and (not value.strip() or any(c.isspace() for c in value)):
+            raise SubmitError(f"--{name} {value!r}: give one {name} name with no spaces.")
+        if value is not None:
+            options.append(f"--{name}={value}")
+    if job.exclusive:
+        options.append("--exclusive")
+    given = [sbatch_option(text) for text in job.sbatch_args]
+    keys = [option.partition("=")[0] for option in given]
+    repeated = sorted({key for key in keys if keys.count(key) > 1})
+    if repeated:
+        raise SubmitError(f"--sbatch-arg gives {repeated[0]} more than once; keep one.")
+    return options + given
+
+
 def check_job(job):
     if job.nodes < 1:
         raise SubmitError(f"--nodes {job.nodes}: a job needs at least one node.")
@@ -91,6 +143,7 @@ def check_job(job):
         raise SubmitError(f"--launcher {job.launcher!r} is unknown; use {' or '.join(LAUNCHERS)}.")
     if not 0 < job.signal_lead <= MAX_SIGNAL_LEAD:
         raise SubmitError(f"--signal-lead {job.signal_lead}: give 1 to {MAX_SIGNAL_LEAD} seconds (Slurm's limit).")
+    _extra_options(job)
     limit = time_limit_seconds(job.time)
     if limit < job.signal_lead + SIGNAL_GRANULARITY:
         raise SubmitError(
@@ -164,16 +217,23 @@ def _directives(job, stage):
         directives.append((f"--partition={job.partition}", None))
     if job.account:
         directives.append((f"--account={job.account}", None))
+    directives += [(option, None) for option in _extra_options(job)]
     return directives
 
 
 def check_cluster(stages, job):
-    """What only the cluster knows: the partition exists, and no job of these run dirs is still queued."""
+    """What only the cluster knows: the partition exists, Slurm would take the job as asked (sbatch --test-only:
+    QOS, constraint, reservation, limits), and no job of these run dirs is still queued."""
     if job.partition:
         known = slurm.partitions()
         if job.partition not in known:
             raise SubmitError(f"unknown partition {job.partition!r}; this cluster has: {', '.join(known)} "
                               "(sinfo lists them).")
+    try:
+        slurm.test_only(stages[0].script)  # every stage asks for the same allocation
+    except slurm.SlurmError as err:
+        raise SubmitError(f"Slurm would not take the job ({err}); check the options (sbatch --test-only tries "
+                          "them without submitting).") from None
     for stage in stages:
         kept = sorted((stage.run_dir / "logs").glob("slurm-*.sbatch"))
         ids = [path.stem.removeprefix("slurm-") for path in kept]
@@ -183,6 +243,11 @@ def check_cluster(stages, job):
                               f"or `scancel {active[0]}`, then submit again (two jobs must not train one run).")
 
 
+def dependency_options(previous_job):
+    """sbatch options that make a stage wait for the one before (its job id) to succeed."""
+    return [f"--dependency=afterok:{previous_job}", "--kill-on-invalid-dep=yes"] if previous_job else []
+
+
 def submit(stages, say=print):
     """Submit the stages in order, each after the previous one; returns the job ids."""
     submitted = []
@@ -190,7 +255,7 @@ def submit(stages, say=print):
         logs = stage.run_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)  # Slurm does not create the log's directory
         kept_config = rundir.set_aside_config(stage.run_dir) if stage.conflict else None
-        options = [f"--dependency=afterok:{submitted[-1]}", "--kill-on-invalid-dep=yes"] if submitted else []
+        options = dependency_options(submitted[-1] if submitted else None)
         try:
             job_id = slurm.sbatch(stage.script, options)
         except slurm.SlurmError as err:
@@ -223,10 +288,29 @@ def run(recipes, overrides, job, run_dir=None, force=False, dry_run=False):
         except slurm.SlurmError as err:
             print(f"# not checked with Slurm, which did not answer ({err}): the partition, and jobs of these run "
                   "directories still queued", file=sys.stderr)
+    if len(stages) > 1:
+        print("\n".join(chain_lines(stages)) + "\n")
     for index, stage in enumerate(stages):
         if len(stages) > 1:
             print(f"# ==== stage {index + 1} of {len(stages)}: {stage.cfg.name} ({stage.status})")
+            job = f"$JOB_{index}" if index else None
+            print(f"# submitted as: sbatch {' '.join(['--parsable', *dependency_options(job)])} < script below"
+                  f"{f'  (prints JOB_{index + 1})' if index + 1 < len(stages) else ''}")
         else:
             print(f"# {stage.cfg.name}: {stage.status}", file=sys.stderr)
         print(stage.script)
     return []
+
+
+def chain_lines(stages):
+    """The dry run's summary of a chain: which job waits on which, and where each starts from."""
+    lines = [f"# chain of {len(stages)} jobs: each waits for the one before to succeed (sbatch "
+             "--dependency=afterok:JOB --kill-on-invalid-dep=yes: a failed stage cancels the rest)"]
+    for index, stage in enumerate(stages):
+        if index == 0:
+            start = f"starts when Slurm schedules it; {stage.status}"
+        else:
+            start = (f"waits on stage {index} (afterok:$JOB_{index}), then starts from its final checkpoint "
+                     f"({stages[index - 1].run_dir}/checkpoints)")
+        lines.append(f"#   stage {index + 1} ($JOB_{index + 1}) {stage.cfg.name}: {stage.run_dir}; {start}")
+    return lines

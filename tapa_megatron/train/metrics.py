@@ -2,14 +2,18 @@
 tokens/s, TFLOP/s and MFU where the GPU's peak is known, ETA, a progress bar), validation losses, and
 TensorBoard / Weights & Biases scalars under Megatron-LM's names ("lm loss", "lm loss validation",
 "learning-rate", "grad-norm", "iteration-time", "throughput" in TFLOP/s per GPU, "mem-*-bytes"), plus
-"consumed-tokens" and "tokens-per-second"."""
+"consumed-tokens" and "tokens-per-second". Each logged step also rewrites RUN_DIR/progress.json (atomically),
+which `tapa status` reads."""
 
+import json
 import math
-
+import os
 import time
 from pathlib import Path
 
 import torch
+
+PROGRESS_NAME = "progress.json"
 
 # Dense bf16 peak TFLOP/s of common training GPUs, for MFU.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "B200": 2250.0}
@@ -44,6 +48,7 @@ class Metrics:
         self.total_steps, self.tokens_per_step, self.flops_per_step = total_steps, tokens_per_step, flops_per_step
         self.world_size, self.enabled = world_size, enabled
         self.peak = peak_tflops()
+        self.progress_path = Path(run_dir) / PROGRESS_NAME
         self.writer = None
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -70,6 +75,9 @@ class Metrics:
             return record
         mfu = f" mfu {100 * tflops / self.world_size / self.peak:.1f}%" if self.peak else ""
         eta = _duration(seconds_per_step * (self.total_steps - step))
+        write_progress(self.progress_path, {**record, "total_steps": self.total_steps, "seconds_per_step":
+                                            seconds_per_step, "time": time.time(),
+                                            "job_id": os.environ.get("SLURM_JOB_ID")})
         print(f"{_bar(step, self.total_steps)} step {step}/{self.total_steps} | loss {loss:.4f} | lr {lr:.3g} | "
               f"grad norm {grad_norm:.3f} | {tokens_per_s:,.0f} tok/s | {tflops:.3f} TFLOP/s{mfu} | ETA {eta}",
               flush=True)
@@ -103,6 +111,22 @@ class Metrics:
             self.writer.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def write_progress(path, record):
+    """Replace path with record as JSON in one rename, so a reader never sees half a file."""
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps(record, indent=1) + "\n")
+    os.replace(partial, path)
+
+
+def read_progress(run_dir):
+    """The last logged step's record (see Metrics.log), or None before the first log line."""
+    path = Path(run_dir) / PROGRESS_NAME
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
 
 
 def wandb_run(logging_cfg, run_dir, name, config_dict):

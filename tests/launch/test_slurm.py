@@ -204,6 +204,10 @@ BAD_INPUT = {
     "world does not factor": (["tiny-cpu", "parallel.tensor=2"], {"--tasks-per-node": "3"},
                               "world size 3 does not factor into tensor (2)"),
     "CPU job without tasks": (["tiny-cpu"], {"--tasks-per-node": None}, "--gpus-per-node 0 is a CPU job"),
+    "sbatch option tapa sets": (["tiny-cpu"], {"--sbatch-arg": "nodes=4"}, "tapa submit sets --nodes itself"),
+    "sbatch option not a name": (["tiny-cpu"], {"--sbatch-arg": "-N 4"}, "give sbatch's long option name"),
+    "qos with a space": (["tiny-cpu"], {"--qos": "high prio"}, "--qos 'high prio': give one qos name"),
+    "constraint the cluster lacks": (["tiny-cpu"], {"--constraint": "h100"}, "Slurm would not take the job ("),
 }
 
 
@@ -255,4 +259,22 @@ def test_dry_run_prints_the_batch_script_and_submits_nothing(slurm_cluster, nove
                  "scontrol requeue"):
         assert line in printed
     assert "gpus-per-node" not in printed  # a CPU job asks for no GPUs
+    assert slurm_cluster.job_ids() == jobs and list(tmp_path.iterdir()) == []
+
+
+def test_dry_run_passes_sbatch_options_through_and_shows_the_chain(slurm_cluster, novels_data, tmp_path,
+                                                                     monkeypatch, capsys):
+    monkeypatch.setenv("SLURM_CONF", slurm_cluster.env["SLURM_CONF"])
+    monkeypatch.chdir(tmp_path)
+    jobs = slurm_cluster.job_ids()
+    cli.main(["submit", "--chain", "tiny-cpu", "tiny-cpu-extend", *CPU_JOB, "--tasks-per-node", "2",
+              "--exclusive", "--sbatch-arg", "mail-type=END", "--sbatch-arg", "overcommit", "--dry-run",
+              f"data.path={novels_data}", "data.split=1,1,0"])
+    printed = capsys.readouterr().out
+    for line in ("#SBATCH --exclusive", "#SBATCH --mail-type=END", "#SBATCH --overcommit"):
+        assert printed.count(line) == 2, line  # in both stages' scripts
+    assert "# chain of 2 jobs: each waits for the one before to succeed" in printed
+    assert f"stage 2 ($JOB_2) tiny-cpu-extend: {tmp_path}/runs/tiny-cpu-extend; waits on stage 1 (afterok:$JOB_1)" \
+        in printed
+    assert "# submitted as: sbatch --parsable --dependency=afterok:$JOB_1 --kill-on-invalid-dep=yes" in printed
     assert slurm_cluster.job_ids() == jobs and list(tmp_path.iterdir()) == []
