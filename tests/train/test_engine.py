@@ -100,6 +100,30 @@ def test_megatron_schedule_gives_single_process_gradients(layout, reference):
         assert shapes == [local_activation]
 
 
+def test_global_loss_is_reduced_on_the_collectives_device(megatron_single_rank):
+    """Bug 1: on GPU the loss logs are CUDA tensors and NCCL reduces CUDA tensors; the totals must be made
+    and reduced there (the first version added a CPU tensor to a CUDA one and crashed every step).
+    FakeTensorMode gives CUDA tensors on a CPU machine and refuses mixed devices as CUDA does; the
+    collectives run their meta kernels on them."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from tapa_megatron.train import step
+
+    with FakeTensorMode():
+        logs = [step.loss_func(torch.ones(MICRO, SEQ, device="cuda"), torch.rand(MICRO, SEQ, device="cuda"))[2]
+                for _ in range(2)]
+        assert logs[0]["lm loss"].device.type == "cuda"
+        totals = step.global_token_totals(logs, device="cuda")
+    assert totals.device.type == "cuda" and totals.dtype == torch.float64
+    # The numbers, on CPU: the mean over every counted token (float64 oracle), masked tokens left out.
+    per_token = torch.rand(2, MICRO, SEQ, generator=torch.Generator().manual_seed(3))
+    mask = torch.ones(2, MICRO, SEQ)
+    mask[1, :, SEQ // 2:] = 0
+    logs = [step.loss_func(mask[i], per_token[i])[2] for i in range(2)]
+    expected = per_token.double()[mask.bool()].mean().item()
+    assert step.global_mean_loss(logs, device="cpu") == pytest.approx(expected, rel=1e-6)
+
+
 def _scheduler(cfg):
     from tapa_megatron.train.engine import lr_scheduler
 
