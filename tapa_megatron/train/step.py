@@ -28,15 +28,23 @@ def forward_step(data_iterator, model):
     return output, lambda per_token_loss: loss_func(batch["loss_mask"], per_token_loss)
 
 
-def global_mean_loss(logs, device):
-    """Mean loss over every unmasked token of the global batch, the same on every rank.
+def global_token_totals(logs, device):
+    """(loss_sum, num_tokens) over every unmasked token of the global batch, float64 on `device`, the
+    same on every rank.
 
     logs: the schedule's output, one {"lm loss": [loss_sum, num_tokens]} per micro-batch on the last
-    pipeline stage, nothing elsewhere. Summed over the data- and context-parallel group here, then
-    over the pipeline group so that every stage learns it."""
+    pipeline stage, nothing elsewhere. device: where the collectives run (CUDA under NCCL); the logs
+    are moved there from wherever the loss was computed. Summed over the data- and context-parallel
+    group here, then over the pipeline group so that every stage learns it."""
     totals = torch.zeros(2, dtype=torch.float64, device=device)
     for log in logs:
-        totals += log["lm loss"].to(device=device, dtype=torch.float64)
+        totals += log["lm loss"].to(totals)
     dist.all_reduce(totals, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
     dist.all_reduce(totals, group=parallel_state.get_pipeline_model_parallel_group())
-    return (totals[0] / totals[1].clamp_min(1)).item()
+    return totals
+
+
+def global_mean_loss(logs, device):
+    """Mean loss over every unmasked token of the global batch, the same on every rank."""
+    loss_sum, num_tokens = global_token_totals(logs, device).tolist()
+    return loss_sum / max(num_tokens, 1)

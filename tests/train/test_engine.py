@@ -100,6 +100,30 @@ def test_megatron_schedule_gives_single_process_gradients(layout, reference):
         assert shapes == [local_activation]
 
 
+def test_global_loss_is_reduced_on_the_collectives_device(megatron_single_rank):
+    """Bug 1: on GPU the loss logs are CUDA tensors and NCCL reduces CUDA tensors; the totals must be made
+    and reduced there (the first version added a CPU tensor to a CUDA one and crashed every step).
+    FakeTensorMode gives CUDA tensors on a CPU machine and refuses mixed devices as CUDA does; the
+    collectives run their meta kernels on them."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from tapa_megatron.train import step
+
+    with FakeTensorMode():
+        logs = [step.loss_func(torch.ones(MICRO, SEQ, device="cuda"), torch.rand(MICRO, SEQ, device="cuda"))[2]
+                for _ in range(2)]
+        assert logs[0]["lm loss"].device.type == "cuda"
+        totals = step.global_token_totals(logs, device="cuda")
+    assert totals.device.type == "cuda" and totals.dtype == torch.float64
+    # The numbers, on CPU: the mean over every counted token (float64 oracle), masked tokens left out.
+    per_token = torch.rand(2, MICRO, SEQ, generator=torch.Generator().manual_seed(3))
+    mask = torch.ones(2, MICRO, SEQ)
+    mask[1, :, SEQ // 2:] = 0
+    logs = [step.loss_func(mask[i], per_token[i])[2] for i in range(2)]
+    expected = per_token.double()[mask.bool()].mean().item()
+    assert step.global_mean_loss(logs, device="cpu") == pytest.approx(expected, rel=1e-6)
+
+
 def _scheduler(cfg):
     from tapa_megatron.train.engine import lr_scheduler
 
@@ -225,3 +249,48 @@ def test_tied_embeddings_with_pipeline_refused_on_cpu():
     with pytest.raises(ValueError, match="tie_embeddings.*pipeline > 1 needs CUDA.*tie_embeddings=false"):
         check_layout(_cfg("model.tie_embeddings=true", "parallel.pipeline=2", "training.global_batch_size=4"), 2)
     assert check_layout(_cfg("model.tie_embeddings=true"), 2) == 2
+
+
+def _megatron_engine_with_recorded_optimizer(monkeypatch):
+    """MegatronEngine.__init__ on CPU, Megatron's CUDA-only DDP and optimizer replaced by recorders (the
+    wiring is what is checked here; the real classes run only in `tapa selfcheck` on a GPU)."""
+    from types import SimpleNamespace
+
+    import megatron.core.distributed as megatron_distributed
+    import megatron.core.optimizer as megatron_optimizer
+
+    from tapa_megatron.train.engine import MegatronEngine
+
+    asked = {}
+
+    class Optimizer:
+        param_groups = [{"params": [], "lr": 0.0, "weight_decay": 0.0}]
+
+        def scale_loss(self, loss):
+            return loss
+
+        def sharded_state_dict(self, model_sharded_state_dict, is_loading=False, **kwargs):
+            asked.update(is_loading=is_loading, **kwargs)
+            return {}
+
+    monkeypatch.setattr(megatron_distributed, "DistributedDataParallel",
+                        lambda config, ddp_config, module: SimpleNamespace(no_sync=None, ddp_config=ddp_config))
+    monkeypatch.setattr(megatron_optimizer, "get_megatron_optimizer", lambda config, models: Optimizer())
+    config = SimpleNamespace(bf16=False, fp16=True, params_dtype=torch.float16)
+    engine = MegatronEngine(SimpleNamespace(config=config), _cfg(), (SEQ, MICRO, 64), torch.float16)
+    return engine, config, asked
+
+
+def test_megatron_engine_sets_the_loss_scale_and_asks_for_reshardable_optimizer_state(monkeypatch):
+    """Bug 8: grad_scale_func is the optimizer's loss scale (fp16 needs it; Megatron's schedule calls it),
+    and the distributed optimizer's sharded state is asked for with metadata naming a current format
+    (without it megatron-core falls back to the deprecated 'fully_sharded_model_space')."""
+    from megatron.core.optimizer import DistributedOptimizer
+
+    engine, config, asked = _megatron_engine_with_recorded_optimizer(monkeypatch)
+    assert config.grad_scale_func == engine.optimizer.scale_loss
+    assert engine.model.ddp_config.use_distributed_optimizer
+    engine.optimizer_sharded_state_dict({}, is_loading=True)
+    assert asked == {"is_loading": True, "metadata": {"distrib_optim_sharding_type": "dp_reshardable"}}
+    source = inspect.getsource(DistributedOptimizer.sharded_state_dict)
+    assert "dp_reshardable" in source and "metadata" in source  # the format and the argument megatron-core reads
