@@ -10,11 +10,18 @@
                saved weights (bf16 MegatronEngine on GPU, fp32 PortableEngine on CPU). The second loss
                is the one a lost load shows: the optimizer's stale main params overwrite the weights
                at the first step.
+    bench      `tapa bench attention`'s timings: GPU: Triton TAPA beside SDPA-flash and cuDNN at 8K and
+               16K (bf16, B=1, H=32, Hkv=8, D=128, causal), fwd / bwd / fwd+bwd ms, peak MiB and TAPA's
+               fwd+bwd time over SDPA-flash's; CPU: the torch path beside SDPA at 256 tokens. A timing
+               is a figure, not a pass criterion: the check fails only when a path errors.
+
+Not checked yet (issue 11 asks for it): the Transformer Engine spec's forward against the local spec's.
 
 Every check reports pass / fail / skipped (with the reason) and its figures; the command exits 1 when
 any check failed. --cpu runs what a CPU can run (CI runs it).
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -181,6 +188,29 @@ def check_extension(device):
                 max_relative_difference=worst, tolerance=0.02, source_relative_improvement=trained)
 
 
+def check_bench(device):
+    import argparse
+
+    from tapa_megatron.bench import attention as bench
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    if device.type == "cuda":
+        argv = ["--device", "cuda", "--seqlens", "8192", "16384", "--impls", "triton", "sdpa", "cudnn"]
+    else:
+        argv = ["--device", "cpu", "--seqlens", "256", "--impls", "torch", "sdpa", "--repeats", "1"]
+    rows = bench.run(parser.parse_args(argv))
+    by_seq = {}
+    for row in rows:
+        by_seq.setdefault(row.seq, {})[row.impl] = row.fwd_bwd_ms
+    tapa_impl = "triton" if device.type == "cuda" else "torch"
+    ratios = {seq: times[tapa_impl] / times["sdpa"] for seq, times in by_seq.items()
+              if times.get(tapa_impl) and times.get("sdpa")}
+    failed = [f"{row.impl} at {row.seq}: {row.note}" for row in rows if row.note.startswith("failed")]
+    return dict(status="fail" if failed else "pass", **({"errors": failed} if failed else {}),
+                rows=[dataclasses.asdict(row) for row in rows], tapa_over_sdpa_fwd_bwd_time=ratios)
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -207,7 +237,8 @@ def run(out, cpu=False, report=print):
     from megatron.core import parallel_state
 
     device = torch.device("cuda" if torch.cuda.is_available() and not cpu else "cpu")
-    checks = {"kernels": check_kernels, "engines": check_engines, "extension": check_extension}
+    checks = {"kernels": check_kernels, "engines": check_engines, "extension": check_extension,
+              "bench": check_bench}
     result = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
                   versions=_versions(), checks={})
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

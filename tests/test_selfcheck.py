@@ -17,6 +17,12 @@ def test_selfcheck_cpu_writes_a_passing_report(tmp_path):
     assert checks["kernels"]["status"] == "pass" and len(checks["kernels"]["cases"]) == 9
     assert checks["engines"]["status"] == "skipped" and "CUDA" in checks["engines"]["reason"]
     assert checks["extension"]["status"] == "pass" and checks["extension"]["source_relative_improvement"] > 0.1
+    bench = checks["bench"]
+    assert bench["status"] == "pass" and {row["impl"] for row in bench["rows"]} == {"torch", "sdpa"}
+    assert all(row["fwd_ms"] > 0 and row["bwd_ms"] > 0 and row["fwd_bwd_ms"] > 0 for row in bench["rows"])
+    (ratio,) = bench["tapa_over_sdpa_fwd_bwd_time"].values()
+    torch_row, sdpa_row = sorted(bench["rows"], key=lambda row: row["impl"] != "torch")
+    assert ratio == torch_row["fwd_bwd_ms"] / sdpa_row["fwd_bwd_ms"]
     assert report["versions"]["megatron_core"].startswith("0.")
 
 
