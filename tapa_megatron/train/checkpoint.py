@@ -451,6 +451,8 @@ def load_checkpoint(path, model, engine, with_optimizer=True, with_schedule=True
         engine.reload_model_params()
     if with_optimizer and with_schedule:
         engine.scheduler.load_state_dict(loaded["scheduler"])
+    elif with_optimizer:  # the loaded param groups carry the checkpoint's lr and weight decay: set the recipe's
+        engine.scheduler.step(0)
     if with_rng:
         rng = loaded["rng_state"]
         torch.set_rng_state(rng["torch"])

@@ -166,8 +166,11 @@ class _Recording:
         return attribute
 
 
-def _load_sequence(rank, world_size, run_dir, restart):
-    """Save a trained checkpoint, then load it as an extension (weights only) or as a restart."""
+def _load_sequence(rank, world_size, run_dir, restart, keep_schedule=None):
+    """Save a trained checkpoint, then load it as an extension (weights only), as a restart, or with the
+    optimizer state but the recipe's schedule (restart=True, keep_schedule=False: init_from with
+    reset_optimizer: false). Returns the engine calls, whether the weights arrived, the schedule's step and
+    (learning rate of each parameter group after the load, the same for an engine that loaded nothing)."""
     from megatron.core import parallel_state
 
     from tapa_megatron.train import checkpoint
@@ -186,11 +189,15 @@ def _load_sequence(rank, world_size, run_dir, restart):
         later = _cfg("optimizer.lr=1e-2", "training.steps=8")
         fresh = _model(later)
         recording = _Recording(PortableEngine(fresh, later, (SEQ, MICRO, fresh.config.hidden_size), torch.float32))
-        checkpoint.load_checkpoint(path, fresh, recording, with_optimizer=restart, with_schedule=restart,
+        checkpoint.load_checkpoint(path, fresh, recording, with_optimizer=restart,
+                                   with_schedule=restart if keep_schedule is None else keep_schedule,
                                    report=lambda *_: None)
         same = all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values())
                    if torch.is_tensor(a))
-        return recording.calls, same, recording.engine.scheduler.num_steps
+        untouched = PortableEngine(_model(later), later, (SEQ, MICRO, fresh.config.hidden_size), torch.float32)
+        lrs = ([group["lr"] for group in recording.engine.optimizer.param_groups],
+               [group["lr"] for group in untouched.optimizer.param_groups])
+        return recording.calls, same, recording.engine.scheduler.num_steps, lrs
     finally:
         parallel_state.destroy_model_parallel()
 
@@ -201,12 +208,16 @@ def test_weights_only_load_refreshes_the_optimizer_copies(tmp_path):
     from megatron.core.optimizer import DistributedOptimizer, MegatronOptimizer
     from megatron.core.optimizer.optimizer import MixedPrecisionOptimizer
 
-    calls, same, schedule_steps = run_ranks(1, _load_sequence, tmp_path / "extend", False)[0]
+    calls, same, schedule_steps, (lrs, recipe_lrs) = run_ranks(1, _load_sequence, tmp_path / "extend", False)[0]
     assert same and "reload_model_params" in calls and "load_optimizer_state_dict" not in calls
-    assert schedule_steps == 0  # an extension starts the recipe's schedule at step 0
-    calls, same, schedule_steps = run_ranks(1, _load_sequence, tmp_path / "restart", True)[0]
+    assert schedule_steps == 0 and lrs == recipe_lrs  # an extension starts the recipe's schedule at step 0
+    calls, same, schedule_steps, _ = run_ranks(1, _load_sequence, tmp_path / "restart", True)[0]
     assert same and "reload_model_params" not in calls and "load_optimizer_state_dict" in calls
     assert schedule_steps == 2
+    # Bug 6 for init_from with reset_optimizer: false: the moments arrive, the schedule is the recipe's.
+    calls, same, schedule_steps, (lrs, recipe_lrs) = run_ranks(1, _load_sequence, tmp_path / "keep", True, False)[0]
+    assert same and "load_optimizer_state_dict" in calls and "reload_model_params" not in calls
+    assert schedule_steps == 0 and lrs == recipe_lrs
     # What MegatronEngine.reload_model_params delegates to: the mixed-precision and distributed optimizers copy model -> main params.
     for cls in (MixedPrecisionOptimizer, DistributedOptimizer):
         assert cls.reload_model_params is not MegatronOptimizer.reload_model_params
