@@ -23,6 +23,7 @@ from tapa_kernels.tapa_fwd import LN2, LOG2E, interpreting, kernel_options, kern
 from tapa_kernels.tapa_score import (
     TWO_PI,
     cos_radians,
+    hidden_tile_end,
     is_visible,
     load_positions,
     load_rows,
@@ -31,6 +32,7 @@ from tapa_kernels.tapa_score import (
     sin_radians,
     store_rows,
     store_split_rows,
+    unmasked_tile_end,
     visible_tile_range,
 )
 
@@ -41,13 +43,6 @@ DELTA_BLOCK = 64  # query rows per program of the delta kernel
 PHASE_GRAD_SCALE = tl.constexpr(-TWO_PI.value * LN2.value)
 
 
-@triton.jit
-def recompute_probs(amp, angle, visible, lse, FAST_MATH: tl.constexpr):
-    """Softmax probabilities of a tile from base-2 amplitudes (amp_scale log2(e) row_A . col_A)
-    and the saved lse in base 2 (pre-broadcast); also returns cos(angle)."""
-    cos = cos_radians(angle, FAST_MATH)
-    probs = tl.where(visible, tl.exp2(amp * cos - lse), 0.0)
-    return probs, cos
 
 
 @triton.jit
@@ -76,6 +71,82 @@ def phase_grad_rows(acc, PHASE_QUADRATIC: tl.constexpr):
     if not PHASE_QUADRATIC:
         acc = acc[:, None]
     return acc
+
+
+@triton.jit
+def recompute_probs(amp, angle, lse, visible, MASKED: tl.constexpr, FAST_MATH: tl.constexpr):
+    """Softmax probabilities of a tile from base-2 amplitudes (amp_scale log2(e) row_A . col_A)
+    and the saved lse in base 2 (pre-broadcast), zero where not `visible` if MASKED; also returns
+    cos(angle)."""
+    cos = cos_radians(angle, FAST_MATH)
+    probs = tl.exp2(amp * cos - lse)
+    if MASKED:
+        probs = tl.where(visible, probs, 0.0)
+    return probs, cos
+
+
+@triton.jit
+def dkdv_query_tile(
+    dk_amp, dk_phase, dv, k_amp, k_phase, v, k_pos, k_valid, q_ptr, do_ptr, lse_ptr, delta_ptr, q_pos_ptr,
+    q_start, q_len, start_m, stride_qt, stride_qd, stride_dot, stride_dod, alpha, amp_scale, log2_phase_scale,
+    AMP: tl.constexpr, PHASE: tl.constexpr, AMP_PAD: tl.constexpr, PHASE_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, PHASE_QUADRATIC: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+    FAST_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """One query tile's contribution to a key tile's dK, dV (tiles are keys x queries). MASKED=False:
+    every query of the tile sees every key (hidden_tile_end), so no causal compare per score."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    q_valid = offs_m < q_len
+    q_pos = load_positions(q_pos_ptr, q_start, offs_m, q_len)
+    q_amp, q_phase = load_split_rows(
+        q_ptr, q_start, offs_m, q_len, stride_qt, stride_qd, AMP, PHASE, AMP_PAD, PHASE_PAD, PHASE_QUADRATIC
+    )
+    do = load_rows(do_ptr, q_start, offs_m, q_len, stride_dot, stride_dod, tl.arange(0, HEAD_DIM), HEAD_DIM)
+    lse = tl.load(lse_ptr + offs_m, mask=q_valid, other=0.0) * LOG2E
+    delta = tl.load(delta_ptr + offs_m, mask=q_valid, other=0.0)
+    amp, dist, angle = score_parts(
+        k_amp, k_phase, q_amp, q_phase, k_pos, q_pos, alpha, log2_phase_scale, PHASE_QUADRATIC, DOT_PRECISION,
+        FAST_MATH,
+    )
+    amp *= amp_scale * LOG2E
+    visible = is_visible(q_pos[None, :], k_pos[:, None], q_valid[None, :], k_valid[:, None], CAUSAL)
+    probs, cos = recompute_probs(amp, angle, lse[None, :], visible, MASKED, FAST_MATH)
+    dv = tl.dot(probs.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+    dprobs = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+    d_amp, d_phi = score_grads(probs, dprobs, delta[None, :], amp, dist, angle, cos, FAST_MATH)
+    dk_amp = tl.dot(d_amp.to(q_amp.dtype), q_amp, dk_amp, input_precision=DOT_PRECISION)
+    dk_phase = accumulate_phase_grad(dk_phase, d_phi, q_phase, PHASE_QUADRATIC, DOT_PRECISION)
+    return dk_amp, dk_phase, dv
+
+
+@triton.jit
+def dq_key_tile(
+    dq_amp, dq_phase, q_amp, q_phase, do, lse, delta, q_pos, q_valid, k_ptr, v_ptr, k_pos_ptr, k_start, k_len,
+    start_n, stride_kt, stride_kd, stride_vt, stride_vd, alpha, amp_scale, log2_phase_scale,
+    AMP: tl.constexpr, PHASE: tl.constexpr, AMP_PAD: tl.constexpr, PHASE_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, PHASE_QUADRATIC: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+    FAST_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One key tile's contribution to a query tile's dQ. MASKED=False: every query of the tile
+    sees every key (unmasked_tile_end), so no causal compare per score."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    k_pos = load_positions(k_pos_ptr, k_start, offs_n, k_len)
+    k_amp, k_phase = load_split_rows(
+        k_ptr, k_start, offs_n, k_len, stride_kt, stride_kd, AMP, PHASE, AMP_PAD, PHASE_PAD, PHASE_QUADRATIC
+    )
+    v = load_rows(v_ptr, k_start, offs_n, k_len, stride_vt, stride_vd, tl.arange(0, HEAD_DIM), HEAD_DIM)
+    amp, dist, angle = score_parts(
+        q_amp, q_phase, k_amp, k_phase, q_pos, k_pos, alpha, log2_phase_scale, PHASE_QUADRATIC, DOT_PRECISION,
+        FAST_MATH,
+    )
+    amp *= amp_scale * LOG2E
+    visible = is_visible(q_pos[:, None], k_pos[None, :], q_valid[:, None], (offs_n < k_len)[None, :], CAUSAL)
+    probs, cos = recompute_probs(amp, angle, lse[:, None], visible, MASKED, FAST_MATH)
+    dprobs = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    d_amp, d_phi = score_grads(probs, dprobs, delta[:, None], amp, dist, angle, cos, FAST_MATH)
+    dq_amp = tl.dot(d_amp.to(k_amp.dtype), k_amp, dq_amp, input_precision=DOT_PRECISION)
+    dq_phase = accumulate_phase_grad(dq_phase, d_phi, k_phase, PHASE_QUADRATIC, DOT_PRECISION)
+    return dq_amp, dq_phase
 
 
 @triton.jit
@@ -138,34 +209,30 @@ def _tapa_bwd_dkdv_kernel(
     dv = tl.zeros((BLOCK_N, HEAD_DIM), tl.float32)
     # Query tiles that can see this key tile: the same for every query head of the group.
     lo, hi = visible_tile_range(q_pos_ptr, q_start, q_len, tl.min(k_pos, 0), BLOCK_M, SCAN_TILES, False, CAUSAL)
+    # Query tiles on the diagonal (some query before some key) first, masked; then the ones that
+    # see every key of the tile, with no causal compare and no select per score.
+    mid = hidden_tile_end(q_pos_ptr, q_start, q_len, lo, hi, tl.max(k_pos, 0), BLOCK_M, SCAN_TILES, CAUSAL)
     for head in range(kv_head * group, (kv_head + 1) * group):
         q_head_ptr = q_ptr + head * stride_qh
         do_head_ptr = do_ptr + head * stride_doh
         lse_head_ptr = lse_ptr + head * total_q + q_start
         delta_head_ptr = delta_ptr + head * total_q + q_start
-        for start_m in range(lo, hi, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            q_valid = offs_m < q_len
-            q_pos = load_positions(q_pos_ptr, q_start, offs_m, q_len)
-            q_amp, q_phase = load_split_rows(
-                q_head_ptr, q_start, offs_m, q_len, stride_qt, stride_qd,
-                AMP, PHASE, AMP_PAD, PHASE_PAD, PHASE_QUADRATIC,
+        for start_m in range(lo, mid, BLOCK_M):
+            dk_amp, dk_phase, dv = dkdv_query_tile(
+                dk_amp, dk_phase, dv, k_amp, k_phase, v, k_pos, offs_n < k_len, q_head_ptr, do_head_ptr,
+                lse_head_ptr, delta_head_ptr, q_pos_ptr, q_start, q_len, start_m,
+                stride_qt, stride_qd, stride_dot, stride_dod, alpha, amp_scale, log2_phase_scale,
+                AMP, PHASE, AMP_PAD, PHASE_PAD, HEAD_DIM, PHASE_QUADRATIC, True, CAUSAL, FAST_MATH, DOT_PRECISION,
+                BLOCK_M,
             )
-            do = load_rows(do_head_ptr, q_start, offs_m, q_len, stride_dot, stride_dod, dims, HEAD_DIM)
-            lse = tl.load(lse_head_ptr + offs_m, mask=q_valid, other=0.0) * LOG2E
-            delta = tl.load(delta_head_ptr + offs_m, mask=q_valid, other=0.0)
-            amp, dist, angle = score_parts(
-                k_amp, k_phase, q_amp, q_phase, k_pos, q_pos, alpha, log2_phase_scale,
-                PHASE_QUADRATIC, DOT_PRECISION, FAST_MATH,
+        for start_m in range(mid, hi, BLOCK_M):
+            dk_amp, dk_phase, dv = dkdv_query_tile(
+                dk_amp, dk_phase, dv, k_amp, k_phase, v, k_pos, offs_n < k_len, q_head_ptr, do_head_ptr,
+                lse_head_ptr, delta_head_ptr, q_pos_ptr, q_start, q_len, start_m,
+                stride_qt, stride_qd, stride_dot, stride_dod, alpha, amp_scale, log2_phase_scale,
+                AMP, PHASE, AMP_PAD, PHASE_PAD, HEAD_DIM, PHASE_QUADRATIC, False, CAUSAL, FAST_MATH, DOT_PRECISION,
+                BLOCK_M,
             )
-            amp *= amp_scale * LOG2E
-            visible = is_visible(q_pos[None, :], k_pos[:, None], q_valid[None, :], (offs_n < k_len)[:, None], CAUSAL)
-            probs, cos = recompute_probs(amp, angle, visible, lse[None, :], FAST_MATH)
-            dv = tl.dot(probs.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-            dprobs = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-            d_amp, d_phi = score_grads(probs, dprobs, delta[None, :], amp, dist, angle, cos, FAST_MATH)
-            dk_amp = tl.dot(d_amp.to(q_amp.dtype), q_amp, dk_amp, input_precision=DOT_PRECISION)
-            dk_phase = accumulate_phase_grad(dk_phase, d_phi, q_phase, PHASE_QUADRATIC, DOT_PRECISION)
 
     store_split_rows(
         dk_ptr + kv_head * stride_dkh, dk_amp * amp_scale, phase_grad_rows(dk_phase * PHASE_GRAD_SCALE, PHASE_QUADRATIC),
@@ -216,24 +283,20 @@ def _tapa_bwd_dq_kernel(
     dq_amp = tl.zeros((BLOCK_M, AMP_PAD), tl.float32)
     dq_phase = tl.zeros(q_phase.shape, tl.float32)
     lo, hi = visible_tile_range(k_pos_ptr, k_start, k_len, tl.max(q_pos, 0), BLOCK_N, SCAN_TILES, True, CAUSAL)
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k_pos = load_positions(k_pos_ptr, k_start, offs_n, k_len)
-        k_amp, k_phase = load_split_rows(
-            k_ptr, k_start, offs_n, k_len, stride_kt, stride_kd, AMP, PHASE, AMP_PAD, PHASE_PAD, PHASE_QUADRATIC
+    # Key tiles every query sees first, with no mask; then the diagonal / partial ones, masked.
+    mid = unmasked_tile_end(k_pos_ptr, k_start, k_len, lo, hi, tl.min(q_pos, 0), BLOCK_N, SCAN_TILES, CAUSAL)
+    for start_n in range(lo, mid, BLOCK_N):
+        dq_amp, dq_phase = dq_key_tile(
+            dq_amp, dq_phase, q_amp, q_phase, do, lse, delta, q_pos, q_valid, k_ptr, v_ptr, k_pos_ptr, k_start, k_len,
+            start_n, stride_kt, stride_kd, stride_vt, stride_vd, alpha, amp_scale, log2_phase_scale,
+            AMP, PHASE, AMP_PAD, PHASE_PAD, HEAD_DIM, PHASE_QUADRATIC, False, CAUSAL, FAST_MATH, DOT_PRECISION, BLOCK_N,
         )
-        v = load_rows(v_ptr, k_start, offs_n, k_len, stride_vt, stride_vd, dims, HEAD_DIM)
-        amp, dist, angle = score_parts(
-            q_amp, q_phase, k_amp, k_phase, q_pos, k_pos, alpha, log2_phase_scale, PHASE_QUADRATIC, DOT_PRECISION,
-            FAST_MATH,
+    for start_n in range(mid, hi, BLOCK_N):
+        dq_amp, dq_phase = dq_key_tile(
+            dq_amp, dq_phase, q_amp, q_phase, do, lse, delta, q_pos, q_valid, k_ptr, v_ptr, k_pos_ptr, k_start, k_len,
+            start_n, stride_kt, stride_kd, stride_vt, stride_vd, alpha, amp_scale, log2_phase_scale,
+            AMP, PHASE, AMP_PAD, PHASE_PAD, HEAD_DIM, PHASE_QUADRATIC, True, CAUSAL, FAST_MATH, DOT_PRECISION, BLOCK_N,
         )
-        amp *= amp_scale * LOG2E
-        visible = is_visible(q_pos[:, None], k_pos[None, :], q_valid[:, None], (offs_n < k_len)[None, :], CAUSAL)
-        probs, cos = recompute_probs(amp, angle, visible, lse[:, None], FAST_MATH)
-        dprobs = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        d_amp, d_phi = score_grads(probs, dprobs, delta[:, None], amp, dist, angle, cos, FAST_MATH)
-        dq_amp = tl.dot(d_amp.to(k_amp.dtype), k_amp, dq_amp, input_precision=DOT_PRECISION)
-        dq_phase = accumulate_phase_grad(dq_phase, d_phi, k_phase, PHASE_QUADRATIC, DOT_PRECISION)
 
     store_split_rows(
         dq_ptr + head * stride_dqh, dq_amp * amp_scale, phase_grad_rows(dq_phase * PHASE_GRAD_SCALE, PHASE_QUADRATIC),

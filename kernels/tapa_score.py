@@ -124,6 +124,27 @@ def unmasked_tile_end(
 
 
 @triton.jit
+def hidden_tile_end(
+    pos_ptr, start, length, lo, hi, bound,
+    TILE: tl.constexpr, SCAN_TILES: tl.constexpr, CAUSAL: tl.constexpr,
+):
+    """The dual of unmasked_tile_end for the dK/dV kernel's loop over query tiles: end of the run
+    of query tiles from lo holding a query that cannot see some key of the key tile, i.e. whose
+    smallest query position is below the key tile's largest (`bound`). The tiles from there to hi
+    see every key and take no mask (with unsorted positions the run reaches the last such tile).
+    Queries past the document need no mask: their dO, lse and delta read 0, so they add nothing."""
+    end = lo
+    if CAUSAL:
+        offs = tl.arange(0, SCAN_TILES * TILE)
+        for first in range(lo, hi, SCAN_TILES * TILE):
+            pos = load_positions(pos_ptr, start, first + offs, length)
+            tiles = first + tl.arange(0, SCAN_TILES) * TILE
+            hidden = (tl.min(tl.reshape(pos, (SCAN_TILES, TILE)), 1) < bound) & (tiles < hi)
+            end = tl.maximum(end, tl.max(tl.where(hidden, tiles + TILE, lo), 0))
+    return end
+
+
+@triton.jit
 def is_visible(q_pos, k_pos, q_valid, k_valid, CAUSAL: tl.constexpr):
     """Visibility of each (query, key) pair; the arguments come pre-broadcast to the tile's layout."""
     visible = q_valid & k_valid
