@@ -10,12 +10,19 @@
                saved weights (bf16 MegatronEngine on GPU, fp32 PortableEngine on CPU). The second loss
                is the one a lost load shows: the optimizer's stale main params overwrite the weights
                at the first step.
+    transformer_engine
+               GPU with Transformer Engine: the TE spec's forward against the local spec's (TAPA, and
+               RoPE on Megatron's rotary embedding and TE's attention), fp32 and bf16. The local model's
+               weights move into the TE model through Megatron's dist_checkpointing (the local spec's
+               sharded_state_dict_keys_map renames its norms to TE's fused layer_norm_weight); the
+               logits on the same tokens must agree within 1e-2 (fp32: TE may run fp32 GEMMs in TF32)
+               and 5e-2 (bf16) of the largest logit, and differ by over 0.1 before the transfer.
+               Skipped without TE or CUDA; CI runs the same transfer local spec -> local spec
+               (tests/test_selfcheck.py).
     bench      `tapa bench attention`'s timings: GPU: Triton TAPA beside SDPA-flash and cuDNN at 8K and
                16K (bf16, B=1, H=32, Hkv=8, D=128, causal), fwd / bwd / fwd+bwd ms, peak MiB and TAPA's
                fwd+bwd time over SDPA-flash's; CPU: the torch path beside SDPA at 256 tokens. A timing
                is a figure, not a pass criterion: the check fails only when a path errors.
-
-Not checked yet (issue 11 asks for it): the Transformer Engine spec's forward against the local spec's.
 
 Every check reports pass / fail / skipped (with the reason) and its figures; the command exits 1 when
 any check failed. --cpu runs what a CPU can run (CI runs it).
@@ -188,6 +195,80 @@ def check_extension(device):
                 max_relative_difference=worst, tolerance=0.02, source_relative_improvement=trained)
 
 
+def transfer_weights(source, target, directory):
+    """source's weights into target through Megatron-Core's dist_checkpointing: saved under source's
+    sharded keys, loaded under target's. This is how a spec maps onto another: the local spec's
+    sharded_state_dict_keys_map names its input_layernorm / pre_mlp_layernorm as TE's fused
+    linear_qkv.layer_norm_weight / linear_fc1.layer_norm_weight."""
+    from megatron.core import dist_checkpointing
+
+    from tapa_megatron.megatron_compat import save_strategy
+
+    dist_checkpointing.save(source.sharded_state_dict(), str(directory), sharded_strategy=save_strategy())
+    # TE's _extra_state (fp8 metadata) has no counterpart in the local model; the target keeps its own.
+    wanted = {key: value for key, value in target.sharded_state_dict().items() if not key.endswith("_extra_state")}
+    result = target.load_state_dict(dist_checkpointing.load(wanted, str(directory)), strict=False)
+    missing = [key for key in result.missing_keys if not key.endswith("_extra_state")]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"the transfer left weights out: missing {missing[:5]}, "
+                         f"unexpected {result.unexpected_keys[:5]}")
+
+
+def _logits(model, tokens):
+    with torch.no_grad():
+        return model(tokens, None, None).float()
+
+
+def spec_transfer_case(position, dtype, device, use_transformer_engine):
+    """A local-spec model's logits against a second model's (TE spec or local spec, same config, another
+    seed) before and after transfer_weights: the largest difference over the largest logit."""
+    from tapa_megatron.model import build_gpt_model
+    from tapa_megatron.train.trainer import run_transformer_config
+
+    cfg = _run_config(f"model.position={position}")
+
+    def build(seed, te):
+        torch.manual_seed(seed)
+        return build_gpt_model(cfg.model, run_transformer_config(cfg, dtype), vocab_size=VOCAB,
+                               max_sequence_length=SEQ, use_transformer_engine=te).to(device).eval()
+
+    source, target = build(0, False), build(1, use_transformer_engine)
+    with torch.no_grad():  # norms start at 1 in both models: moved off 1, a norm the transfer lost shows
+        for name, param in source.named_parameters():
+            if "layernorm" in name:
+                param.uniform_(0.5, 1.5, generator=torch.Generator(device).manual_seed(len(name)))
+    tokens = torch.stack([s["tokens"] for s in _samples()[:MICRO]]).to(device)
+    expected = _logits(source, tokens)
+    scale = expected.abs().max().item()
+    before = (_logits(target, tokens) - expected).abs().max().item() / scale
+    with tempfile.TemporaryDirectory() as directory:
+        transfer_weights(source, target, directory)
+    after = (_logits(target, tokens) - expected).abs().max().item() / scale
+    attention = target.decoder.layers[0].self_attention
+    return dict(position=position, dtype=str(dtype).removeprefix("torch."),
+                target=f"{type(attention.linear_qkv).__name__} + {type(attention.core_attention).__name__}",
+                relative_difference_before=before, relative_difference_after=after)
+
+
+def check_transformer_engine(device, use_transformer_engine=True):
+    """use_transformer_engine=False: the same transfer local spec -> local spec (the CPU tests' path)."""
+    from tapa_megatron.model.specs import transformer_engine_available
+
+    if use_transformer_engine and not (device.type == "cuda" and transformer_engine_available()):
+        return dict(status="skipped", reason="Transformer Engine is not importable here, or no CUDA device")
+    dtypes = {torch.float32: 1e-2, torch.bfloat16: 5e-2} if device.type == "cuda" else {torch.float32: 1e-5}
+    cases, ok = [], True
+    for position in ("tapa", "rope"):
+        for dtype, tolerance in dtypes.items():
+            case = spec_transfer_case(position, dtype, device, use_transformer_engine)
+            # the models must differ before the transfer, or the check proves nothing
+            case.update(tolerance=tolerance, passed=case["relative_difference_after"] <= tolerance
+                        and case["relative_difference_before"] > 0.1)
+            ok &= case["passed"]
+            cases.append(case)
+    return dict(status="pass" if ok else "fail", cases=cases)
+
+
 def check_bench(device):
     import argparse
 
@@ -238,7 +319,7 @@ def run(out, cpu=False, report=print):
 
     device = torch.device("cuda" if torch.cuda.is_available() and not cpu else "cpu")
     checks = {"kernels": check_kernels, "engines": check_engines, "extension": check_extension,
-              "bench": check_bench}
+              "transformer_engine": check_transformer_engine, "bench": check_bench}
     result = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
                   versions=_versions(), checks={})
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

@@ -1,6 +1,7 @@
 """The engines against independent oracles: Megatron-Core's own schedule with our forward step and loss
-function gives the single-process gradients at CP=2 and DP=2 (gloo); the LR schedule after resume and
-after init_from is the recipe's; a weights-only load refreshes the optimizer's copies of the weights."""
+function gives the single-process gradients at CP=2 and DP=2 (gloo), and at PP=2 with tied embeddings;
+the LR schedule after resume and after init_from is the recipe's; a weights-only load refreshes the
+optimizer's copies of the weights."""
 
 import inspect
 import math
@@ -35,13 +36,18 @@ def _model(cfg, context_parallel=1):
     return build_gpt_model(cfg.model, config, vocab_size=VOCAB, max_sequence_length=SEQ)
 
 
-def _reference_gradients(rank, world_size):
-    """The oracle: one process, plain autograd, mean over micro-batches of each one's mean token loss."""
-    from megatron.core import parallel_state
+def _reference_gradients(rank, world_size, overrides=(), save_to=None):
+    """The oracle: one process, plain autograd, mean over micro-batches of each one's mean token loss.
+    save_to: also save the weights there (Megatron's dist_checkpointing) for another layout to load."""
+    from megatron.core import dist_checkpointing, parallel_state
+
+    from tapa_megatron.megatron_compat import save_strategy
 
     parallel_state.initialize_model_parallel()
     try:
-        model = _model(_cfg())
+        model = _model(_cfg(*overrides))
+        if save_to is not None:
+            dist_checkpointing.save(model.sharded_state_dict(), str(save_to), sharded_strategy=save_strategy())
         samples = _samples()
         for start in range(0, SAMPLES, MICRO):
             batch = {k: torch.stack([s[k] for s in samples[start:start + MICRO]]) for k in samples[0]}
@@ -260,6 +266,80 @@ def test_tied_embeddings_with_pipeline_refused_on_cpu():
     with pytest.raises(ValueError, match="tie_embeddings.*pipeline > 1 needs CUDA.*tie_embeddings=false"):
         check_layout(_cfg("model.tie_embeddings=true", "parallel.pipeline=2", "training.global_batch_size=4"), 2)
     assert check_layout(_cfg("model.tie_embeddings=true"), 2) == 2
+
+
+def _tied_pipeline_gradients(rank, world_size, weights):
+    """PortableEngine at PP = 2 with tied embeddings, from the single-process weights: CPU pipeline
+    schedule, finalize_model_grads. The gradients by their name in the single-process model."""
+    from unittest import mock
+
+    from megatron.core import dist_checkpointing, parallel_state
+
+    from tapa_megatron.model import build_gpt_model, transformer_config
+    from tapa_megatron.train import engine as engines
+    from tapa_megatron.train.batches import micro_batches
+
+    parallel_state.initialize_model_parallel(pipeline_model_parallel_size=2)
+    try:
+        cfg = _cfg("model.tie_embeddings=true", "parallel.pipeline=2")
+        # Megatron moves the last stage's copy of the embedding to CUDA for the all-reduce that makes the
+        # two copies equal at build (why check_layout refuses this layout on CPU); here it stays on the CPU,
+        # and the all-reduce runs over gloo.
+        with mock.patch.object(torch.Tensor, "cuda", lambda tensor, *args, **kwargs: tensor):
+            model = build_gpt_model(cfg.model, transformer_config(cfg.model, pipeline_parallel=2), vocab_size=VOCAB,
+                                    max_sequence_length=SEQ, pre_process=rank == 0, post_process=rank == 1)
+        loaded = dist_checkpointing.load(model.sharded_state_dict(), str(weights))
+        missing, unexpected = model.load_state_dict(loaded, strict=False)
+        assert not unexpected and all(key.endswith("_extra_state") for key in missing)
+        engine = engines.PortableEngine(model, cfg, activation_shape=(SEQ, MICRO, model.config.hidden_size),
+                                        dtype=torch.float32)
+        engine.forward_backward(micro_batches(_samples(), 0, cfg.training, 1, 0, "cpu"))
+        global_names = {"decoder.layers.0.": f"decoder.layers.{rank}.",  # one layer per stage
+                        "output_layer.weight": "embedding.word_embeddings.weight"}  # the tied copy
+        grads = {}
+        for name, param in model.named_parameters():
+            for local, global_name in global_names.items():
+                name = name.replace(local, global_name)
+            grads[name] = param.grad.clone()
+        return grads
+    finally:
+        parallel_state.destroy_model_parallel()
+
+
+def test_tied_embedding_gradient_is_reduced_over_the_pipeline(tmp_path):
+    """Bug 7b: with tied embeddings at PP > 1 the first stage's embedding and the last stage's output
+    layer are two copies of one weight; each must get the whole gradient (lookup + logits), the
+    single-process model's. The portable engine first reduced only over data parallelism: each copy
+    kept its own half. Megatron's finalize_model_grads all-reduces them over the embedding group."""
+    reference = run_ranks(1, _reference_gradients, ["model.tie_embeddings=true"], tmp_path)[0]
+    first, last = run_ranks(2, _tied_pipeline_gradients, tmp_path)
+    assert first.keys() | last.keys() == reference.keys()
+    assert first.keys() & last.keys() == {"embedding.word_embeddings.weight"}
+    for grads in (first, last):
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, reference[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+def _draws_in_the_model_parallel_rng(rank, world_size, seed):
+    from megatron.core import tensor_parallel
+
+    from tapa_megatron.train.distributed import setup_parallel, teardown_parallel
+
+    setup_parallel(_cfg(f"training.seed={seed}"))
+    try:
+        with tensor_parallel.get_cuda_rng_tracker().fork():  # raises when the state was never added
+            return torch.randn(8, device="cuda").cpu()
+    finally:
+        teardown_parallel()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Megatron's RNG tracker holds CUDA generator states")
+def test_setup_parallel_seeds_the_model_parallel_rng_from_the_recipe():
+    """Bug 8b: setup_parallel never called model_parallel_cuda_manual_seed, so the tracker that
+    tensor-parallel regions and activation recompute fork from had no state. On CPU this cannot run:
+    the tracker stores torch.cuda RNG states, which a CPU-only torch cannot make (docs/gpu-path.md)."""
+    first, again, other = (run_ranks(1, _draws_in_the_model_parallel_rng, seed)[0] for seed in (1, 1, 2))
+    assert torch.equal(first, again) and not torch.equal(first, other)
 
 
 def _megatron_engine_with_recorded_optimizer(monkeypatch):
