@@ -320,7 +320,7 @@ def build_parser():
     from tapa_megatron.plan import command as plan_command  # formulas only; megatron loads for a preset
 
     plan = commands.add_parser("plan", help="TP x CP x PP x DP layouts that fit a model at a sequence length, "
-                               "with memory per GPU", description=plan_command.__doc__,
+                               "with memory per GPU, step time and MFU", description=plan_command.__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
     plan_command.add_arguments(plan)
     plan.set_defaults(handler=cmd_plan)

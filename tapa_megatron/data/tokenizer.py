@@ -106,8 +106,9 @@ class HFTokenizer(MegatronTokenizerBase):
         else:
             self._tokenizer.save(str(directory / "tokenizer.json"))
         special = {"bos_token": self.bos_token, "eos_token": self.eod_token, "pad_token": self.pad_token}
+        # Left padding: a causal LM's batched generate() continues each row from its last real token.
         config = {"tokenizer_class": "PreTrainedTokenizerFast", **special, "clean_up_tokenization_spaces": False,
-                  "model_max_length": 1_000_000_000}
+                  "model_max_length": 1_000_000_000, "padding_side": "left"}
         (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
         (directory / SPECIAL_TOKENS_FILE).write_text(json.dumps(special, indent=2, ensure_ascii=False) + "\n")
 

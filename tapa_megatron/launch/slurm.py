@@ -19,7 +19,8 @@ def _run(args, stdin=None):
                          "or pass --dry-run to only print the batch script.")
     result = subprocess.run(args, input=stdin, capture_output=True, text=True, timeout=120)
     if result.returncode != 0:
-        raise SlurmError(f"{args[0]} refused: {result.stderr.strip() or result.stdout.strip()}")
+        said = (result.stderr.strip() or result.stdout.strip()).splitlines()
+        raise SlurmError(f"{args[0]} refused: {'; '.join(line.strip() for line in said)}")  # one line: it goes into messages
     return result.stdout
 
 

@@ -3,6 +3,7 @@
     memory.py   parameters, gradients, optimizer state, activations (item by item), workspace
     comm.py     ring and tensor-parallel communication per layer; when the ring hides behind compute
     search.py   `plan`: the layouts of G GPUs that fit, best first; the longest sequence per GPU
+    speed.py    step time and MFU of a layout at assumed rates (model FLOPs from tapa_megatron.model.flops)
     measure.py  predicted vs measured memory of real CPU runs (a live-tensor tracker)
     command.py  the `tapa plan` command (also `python -m tapa_megatron.plan`)
 

@@ -9,12 +9,14 @@ with the memory per GPU broken down (formulas of tapa_megatron.plan; no GPU is u
     tapa plan --figure docs/context-parallel-ring.png
 """
 
+import argparse
 import json
 import os
 import platform
 import re
 
 GIB = 2**30
+MATMUL_EFFICIENCY = 0.7  # plan.speed's default, repeated so that `tapa --help` imports no megatron-core
 REACH_MODELS = (("1b", 1), ("8b", 1), ("8b", 8))  # (preset, TP)
 REACH_CP = (1, 2, 4, 8, 16, 32, 64)
 OVERLAP_SEQ = (128 * 1024, 1024 * 1024)
@@ -32,11 +34,20 @@ def tokens(text):
 def add_arguments(parser):
     parser.add_argument("model", nargs="?", help="a preset in any case (tiny, 1b, 8B, 70b; also llama3-8b), a recipe "
                         "of recipes/ (llama3-8b-32k-extend) or a recipe YAML path")
-    parser.add_argument("--seq-len", type=tokens, help="tokens per sequence: 131072, 128K, 1M")
+    parser.add_argument("--seq-len", type=tokens, help="tokens per sequence: 131072, 128K, 1M (default: a recipe's)")
     parser.add_argument("--gpus", type=int, help="number of GPUs")
+    parser.add_argument("--gpu", type=str.upper, default="H100",
+                        help="GPU whose dense bf16 peak the step time and MFU use: H100, H200, A100 or B200 "
+                        "(default H100)")
     parser.add_argument("--gpu-mem", type=float, default=80.0, help="GiB per GPU (default 80: H100)")
-    parser.add_argument("--micro-batch", type=int, default=1, help="sequences per micro-batch (default 1)")
-    parser.add_argument("--recompute", action="store_true", help="full activation recompute (every layer)")
+    parser.add_argument("--micro-batch", type=int, help="sequences per micro-batch (default: a recipe's, else 1)")
+    parser.add_argument("--global-batch", type=int,
+                        help="sequences per step, for the step time (default: a recipe's, else GPUs x micro-batch)")
+    parser.add_argument("--recompute", action=argparse.BooleanOptionalAction,
+                        help="full activation recompute (every layer); default: a recipe's, else off")
+    parser.add_argument("--matmul-efficiency", type=float, default=MATMUL_EFFICIENCY,
+                        help=f"share of the GPU's peak the GEMMs reach, for the step time (default {MATMUL_EFFICIENCY}, "
+                        "assumed)")
     parser.add_argument("--vocab", type=int, default=128256, help="vocabulary size (default: LLaMA-3's 128256)")
     parser.add_argument("--cp-comm", choices=("p2p", "all_gather", "a2a"), default="p2p",
                         help="context-parallel scheme (default p2p, the ring)")
@@ -44,7 +55,8 @@ def add_arguments(parser):
     parser.add_argument("--reserve", type=float, default=0.1,
                         help="share of GPU memory kept for the CUDA context, NCCL and fragmentation (default 0.1)")
     parser.add_argument("--attention-tflops", type=float, default=300.0,
-                        help="achieved TAPA kernel forward TFLOP/s for the overlap estimate (default 300, assumed)")
+                        help="achieved TAPA kernel TFLOP/s for the overlap and step-time estimates (default 300, "
+                        "assumed)")
     parser.add_argument("--top", type=int, default=10, help="show the best N layouts (default 10)")
     parser.epilog = EXPOSED_COMM
     parser.add_argument("--excluded", action="store_true", help="also list the layouts that do not fit, and why")
@@ -61,6 +73,12 @@ def add_arguments(parser):
 EXPOSED_COMM = ("exposed comm: communication per layer and micro-batch that compute does not hide (tensor "
                 "parallelism's all-reduces / reduce-scatters, plus the ring's K/V transfer time beyond each ring "
                 "step's attention compute); it adds to the step time, so lower is better.")
+
+
+STEP_TIME = ("step s: one step of the global batch, 1F1B over the pipeline (matmuls and attention at the assumed "
+             "rates, plus exposed comm, the pipeline's fill and drain, and the data-parallel reduce and gather); "
+             "MFU: the step's model FLOPs over step time x GPUs x peak. Norms, SwiGLU, the loss and the optimizer "
+             "update are not modelled (tapa_megatron/plan/speed.py).")
 
 
 def _table(header, rows):
@@ -114,35 +132,80 @@ def _step_options(args):
                 cp_comm=args.cp_comm)
 
 
+def _fill_defaults(args):
+    """Unset options from the recipe MODEL names (seq_len, micro_batch, global_batch, recompute), then the
+    defaults that do not depend on a recipe."""
+    from tapa_megatron.plan.search import recipe_step
+
+    recipe = recipe_step(args.model) if args.model else {}
+    for name, value in recipe.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    args.micro_batch = args.micro_batch or 1
+    args.recompute = bool(args.recompute)
+
+
+def _rates(args):
+    from tapa_megatron.model.flops import PEAK_TFLOPS
+    from tapa_megatron.plan.speed import Rates
+
+    if args.gpu not in PEAK_TFLOPS:
+        raise ValueError(f"--gpu {args.gpu} has no known peak; use one of {', '.join(PEAK_TFLOPS)}.")
+    return Rates(peak_flops=PEAK_TFLOPS[args.gpu] * 1e12, matmul_efficiency=args.matmul_efficiency,
+                 attention_flops=args.attention_tflops * 1e12, gpus_per_node=args.gpus_per_node)
+
+
+def _speed_cells(speed):
+    if speed is None:
+        return ("-", "-", "-")
+    return (f"{speed.seconds:.2f}", f"{speed.tokens_per_second:,.0f}", f"{speed.mfu:.0%}")
+
+
 def run_plan(args):
     from tapa_megatron.plan.comm import ring_step
     from tapa_megatron.plan.memory import Step
     from tapa_megatron.plan.search import RANKING, candidates, resolve_model
+    from tapa_megatron.plan.speed import step_time
 
     if not (args.model and args.seq_len and args.gpus):
         raise ValueError("tapa plan needs MODEL, --seq-len and --gpus (e.g. tapa plan 8b --seq-len 128K --gpus 64).")
     model = resolve_model(args.model)
+    rates = _rates(args)
+    global_batch = args.global_batch or args.gpus * args.micro_batch
     step = Step(seq_len=args.seq_len, **_step_options(args))
     flops = args.attention_tflops * 1e12
     found = candidates(model, step, args.gpus, args.gpu_mem, args.reserve, args.gpus_per_node, flops)
     fitting = sorted((c for c in found if c.excluded is None), key=lambda c: c.rank_key())
     excluded = [c for c in found if c.excluded is not None]
+    speeds = {c.layout: step_time(model, c.layout, step, global_batch, rates) for c in fitting}
     if args.json:
+        def speed_fields(speed):
+            if speed is None:
+                return dict(step_s=None)
+            return dict(step_s=speed.seconds, micro_batches=speed.micro_batches, compute_s=speed.compute,
+                        exposed_comm_s=speed.exposed_comm, bubble_s=speed.bubble, data_parallel_s=speed.data_parallel,
+                        tokens_per_s_per_gpu=speed.tokens_per_second, mfu=speed.mfu)
+
         print(json.dumps(dict(
             model=args.model, seq_len=args.seq_len, gpus=args.gpus, gpu_mem_gib=args.gpu_mem, ranking=RANKING,
+            gpu=args.gpu, peak_tflops=rates.peak_flops / 1e12, matmul_efficiency=rates.matmul_efficiency,
+            attention_tflops=args.attention_tflops, global_batch=global_batch, micro_batch=args.micro_batch,
+            recompute=args.recompute,
             layouts=[dict(tp=c.layout.tp, cp=c.layout.cp, pp=c.layout.pp, dp=c.layout.dp,
                           weights=c.memory.weights, grads=c.memory.grads, optimizer=c.memory.optimizer,
                           activations=c.memory.activations, workspace=c.memory.workspace, total=c.memory.total,
-                          peak_phase=c.memory.peak_phase, exposed_comm_s_per_layer=c.exposed_comm) for c in fitting],
+                          peak_phase=c.memory.peak_phase, exposed_comm_s_per_layer=c.exposed_comm,
+                          **speed_fields(speeds[c.layout])) for c in fitting],
             excluded=[dict(tp=c.layout.tp, cp=c.layout.cp, pp=c.layout.pp, dp=c.layout.dp, reason=c.excluded)
                       for c in excluded]), indent=1))
         return
     usable = args.gpu_mem * (1 - args.reserve)
-    print(f"tapa plan {args.model}: {args.seq_len} tokens x micro-batch {args.micro_batch}, {args.gpus} GPUs x "
-          f"{args.gpu_mem:g} GiB ({usable:.1f} usable), {'full recompute' if args.recompute else 'no recompute'}, "
-          f"bf16, fused TAPA kernel, CP scheme {args.cp_comm}")
-    print(f"source: formulas of tapa_megatron.plan (no GPU measured); ring compute at {args.attention_tflops:g} "
-          "TFLOP/s (assumed)")
+    print(f"tapa plan {args.model}: {args.seq_len} tokens x micro-batch {args.micro_batch}, global batch "
+          f"{global_batch}, {args.gpus} GPUs x {args.gpu_mem:g} GiB ({usable:.1f} usable), "
+          f"{'full recompute' if args.recompute else 'no recompute'}, bf16, fused TAPA kernel, CP scheme {args.cp_comm}")
+    print(f"source: formulas of tapa_megatron.plan (no GPU measured); step time at {args.gpu}'s "
+          f"{rates.peak_flops / 1e12:g} TFLOP/s dense bf16 peak x {rates.matmul_efficiency:g} for matmuls and "
+          f"{args.attention_tflops:g} TFLOP/s for attention (assumed)")
     print(f"ranked by: {', '.join(RANKING)}")
     if not fitting:
         print(f"\nno layout fits: {len(excluded)} excluded (--excluded lists why). Try --recompute, more GPUs or "
@@ -158,14 +221,22 @@ def run_plan(args):
             rows.append((number, c.layout.tp, c.layout.cp, c.layout.pp, c.layout.dp,
                          args.micro_batch * args.seq_len // c.layout.cp, _gib(m.weights), _gib(m.grads),
                          _gib(m.optimizer), _gib(m.activations), _gib(m.workspace), _gib(m.total), m.peak_phase,
-                         ring, _ms(c.exposed_comm)))
+                         ring, _ms(c.exposed_comm), *_speed_cells(speeds[c.layout])))
         print()
         print(_table(("#", "TP", "CP", "PP", "DP", "tokens/rank", "weights", "grads", "optimizer", "activations",
-                      "workspace", "total GiB", "peak at", "ring step ms: compute / transfer", "exposed comm ms/layer"),
-                     rows))
+                      "workspace", "total GiB", "peak at", "ring step ms: compute / transfer", "exposed comm ms/layer",
+                      "step s", "tokens/s/GPU", "MFU"), rows))
         if len(fitting) > args.top:
             print(f"... and {len(fitting) - args.top} more layouts that fit (--top N)")
+        timed = [c for c in fitting if speeds[c.layout] is not None]
+        if timed:
+            fastest = min(timed, key=lambda c: speeds[c.layout].seconds)
+            print(f"fastest by the step-time estimate: #{fitting.index(fastest) + 1} {fastest.layout}, "
+                  f"{speeds[fastest.layout].seconds:.2f} s per step, MFU {speeds[fastest.layout].mfu:.0%}")
         print(EXPOSED_COMM)
+        print(STEP_TIME)
+        if any(speeds[c.layout] is None for c in fitting[:args.top]):
+            print(f"step '-': DP x micro-batch {args.micro_batch} does not divide the global batch {global_batch}.")
     if args.excluded and excluded:
         print()
         print(_table(("TP", "CP", "PP", "DP", "excluded because"),
@@ -251,6 +322,7 @@ def run_validate(args):
 
 def run(args):
     try:
+        _fill_defaults(args)
         if args.validate:
             run_validate(args)
         elif args.reach:

@@ -69,6 +69,21 @@ def resolve_model(model):
     return ModelConfig(preset=preset)
 
 
+def recipe_step(model):
+    """What a recipe (a name of recipes/ or a YAML path) says of its step: seq_len, micro_batch,
+    global_batch, recompute (those it sets); {} for a preset name."""
+    recipe = _recipe_file(model) if isinstance(model, str) else None
+    if recipe is None:
+        return {}
+    from tapa_megatron.config import read_yaml
+
+    raw = read_yaml(recipe)
+    data, training = raw.get("data", {}), raw.get("training", {})
+    found = dict(seq_len=data.get("seq_length"), micro_batch=training.get("micro_batch_size"),
+                 global_batch=training.get("global_batch_size"), recompute=training.get("recompute") == "full")
+    return {key: value for key, value in found.items() if value is not None}
+
+
 def _divisors(n):
     return [d for d in range(1, n + 1) if n % d == 0]
 

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import torch
 
-PROGRESS_NAME = "progress.json"
+from tapa_megatron.model.flops import PEAK_TFLOPS
 
-# Dense bf16 peak TFLOP/s of common training GPUs, for MFU.
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "B200": 2250.0}
+PROGRESS_NAME = "progress.json"
 
 
 def peak_tflops():
@@ -24,12 +23,6 @@ def peak_tflops():
         return None
     name = torch.cuda.get_device_name()
     return next((peak for key, peak in PEAK_TFLOPS.items() if key in name), None)
-
-
-def flops_per_token(num_parameters, num_layers, hidden_size, seq_length):
-    """Training FLOPs per token: 6N for the weights plus causal attention's two score/value products
-    (forward + backward: 3 x 2 x 2 x layers x hidden x seq / 2)."""
-    return 6 * num_parameters + 6 * num_layers * hidden_size * seq_length
 
 
 def _bar(done, total, width=20):

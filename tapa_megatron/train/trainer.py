@@ -17,13 +17,14 @@ from tapa_megatron.config import dump_yaml, to_dict
 from tapa_megatron.data.dataset import build_datasets
 from tapa_megatron.data.tokenizer import load_tokenizer
 from tapa_megatron.model import build_gpt_model, transformer_config
+from tapa_megatron.model.flops import training_flops_per_token
 from tapa_megatron.train import checkpoint, compat, summary
 from tapa_megatron.train.batches import micro_batches
 from tapa_megatron.train.distributed import setup_parallel, teardown_parallel
 from tapa_megatron.train.engine import build_engine
 from tapa_megatron.train.evaluate import validation_loss
 from tapa_megatron.train.guard import NonFiniteGuard
-from tapa_megatron.train.metrics import Metrics, flops_per_token, wandb_run
+from tapa_megatron.train.metrics import Metrics, wandb_run
 
 VOCAB_MULTIPLE = 128  # the embedding is padded so every tensor-parallel rank gets an equal, aligned slice
 
@@ -132,7 +133,7 @@ def _train(cfg, env, say, stop_requested):
     tokens_per_step = t.global_batch_size * seq
     num_params = cfg.model.num_parameters(vocab_size)
     metrics = Metrics(run_dir, t.steps, tokens_per_step,
-                      tokens_per_step * flops_per_token(num_params, cfg.model.num_layers, cfg.model.hidden_size, seq),
+                      tokens_per_step * training_flops_per_token(cfg.model, seq, vocab_size).total,
                       env.world_size, enabled=env.is_logging_rank, tensorboard=t.tensorboard,
                       wandb=wandb_run(cfg.logging, run_dir, cfg.name, to_dict(cfg)) if env.is_logging_rank else None)
     say(f"[train] {cfg.name}: {num_params / 1e6:.2f}M parameters, {cfg.model.position}, seq {seq}, "

@@ -148,8 +148,14 @@ def test_llama_to_tapa_training_to_hf(tmp_path, capfd):
     eod = load_tokenizer(tmp_path / "data" / "tokenizer.json").eod
     assert hf_tokenizer.eos_token == "<|endoftext|>" and hf_tokenizer.eos_token_id == eod
     assert exported.config.eos_token_id == exported.config.pad_token_id == exported.generation_config.eos_token_id == eod
-    batch = hf_tokenizer(["w1 w2 w3", "w4"], padding=True, return_tensors="pt")  # raised before: no pad token
-    assert batch["attention_mask"].tolist()[1].count(0) > 0
+    prompts = ["w1 w2 w3", "w4"]
+    batch = hf_tokenizer(prompts, padding=True, return_tensors="pt")  # raised before: no pad token
+    assert hf_tokenizer.padding_side == "left" and batch["attention_mask"].tolist()[1][0] == 0
+    with torch.no_grad():  # a batch generates, row by row, what each prompt generates alone
+        together = exported.generate(**batch, max_new_tokens=6, do_sample=False)
+        for row, prompt in enumerate(prompts):
+            alone = exported.generate(**hf_tokenizer(prompt, return_tensors="pt"), max_new_tokens=6, do_sample=False)
+            assert together[row, -6:].tolist() == alone[0, -6:].tolist()
     ids = tokens(length=16) % vocab
     with torch.no_grad():
         logits = exported(ids).logits

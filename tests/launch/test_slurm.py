@@ -8,6 +8,7 @@ stage's final checkpoint. Bad input submits nothing and writes nothing.
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -278,3 +279,20 @@ def test_dry_run_passes_sbatch_options_through_and_shows_the_chain(slurm_cluster
         in printed
     assert "# submitted as: sbatch --parsable --dependency=afterok:$JOB_1 --kill-on-invalid-dep=yes" in printed
     assert slurm_cluster.job_ids() == jobs and list(tmp_path.iterdir()) == []
+
+
+def test_a_slurm_refusal_is_one_line(tmp_path, monkeypatch):
+    """Slurm's commands print several error lines; the message keeps them all on one, so that the
+    `# not checked with Slurm ...` line of --dry-run stays a comment."""
+    from tapa_megatron.launch import slurm
+
+    if shutil.which("sinfo") is None:
+        pytest.skip("sinfo is not on PATH (Debian's slurm-client)")
+    empty = tmp_path / "slurm.conf"
+    empty.write_text("")
+    monkeypatch.setenv("SLURM_CONF", str(empty))
+    with pytest.raises(slurm.SlurmError) as refused:
+        slurm.partitions()  # what tapa submit asks first
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith("sinfo refused: ")
+    assert "ClusterName needs to be specified; sinfo: fatal: Unable to process configuration file" in message

@@ -98,8 +98,9 @@ def test_plan_command_json_and_errors(capsys):
 def test_plan_model_names_and_recipes(capsys, tmp_path):
     """8B, llama3-8b and the 8B recipes are the 8b preset: the same layouts as `8b`; a recipe YAML's own model
     section is used; the table is followed by what exposed comm means."""
-    def layouts(model):
-        main(["plan", model, "--seq-len", "32K", "--gpus", "8", "--json"])
+    def layouts(model):  # the step given in full, so that only the recipes' model sections differ
+        main(["plan", model, "--seq-len", "32K", "--gpus", "8", "--micro-batch", "1", "--global-batch", "8",
+              "--no-recompute", "--json"])
         return json.loads(capsys.readouterr().out)["layouts"]
 
     reference = layouts("8b")
