@@ -24,11 +24,7 @@ import shutil
 import uuid
 from pathlib import Path
 
-import torch
-from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
-
 from tapa_megatron.data.corpus import load_gutenberg_books, read_documents, refuse_binary
-from tapa_megatron.data.tokenizer import load_tokenizer, train_tokenizer
 
 TRAIN_PREFIX = "train_text_document"
 # PG19 holds out whole books; one Austen and one non-Austen keep both styles in the test set.
@@ -56,6 +52,8 @@ def prepare(out_dir, *, corpus=None, inputs=None, test_books=None, tokenizer_pat
         raise ValueError("Give exactly one source: corpus='gutenberg' (--corpus) or inputs=[paths] (--input).")
     if corpus is not None and corpus != "gutenberg":
         raise ValueError(f"Unknown corpus {corpus!r}; the built-in corpus is 'gutenberg'.")
+    from tapa_megatron.data.tokenizer import load_tokenizer  # imports megatron-core: see _write
+
     given_tokenizer = None if tokenizer_path is None else load_tokenizer(tokenizer_path, eod_token)  # fail early
     if eod_token is not None and given_tokenizer is None:
         raise ValueError("--eod-token names a token of --tokenizer; the tokenizer trained here ends documents with "
@@ -106,6 +104,13 @@ def _split_documents(documents, test_names):
 
 
 def _write(staging: Path, train, test, given_tokenizer, vocab_size, source) -> dict:
+    # Imported here, not at the top: megatron-core takes seconds to import, and the `tapa` command reads
+    # this module's arguments for every subcommand (`tapa --help`, `tapa status`).
+    import torch
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+
+    from tapa_megatron.data.tokenizer import load_tokenizer, train_tokenizer
+
     tokenizer_file = staging / "tokenizer.json"
     if given_tokenizer is None:
         print(f"training a byte-level BPE tokenizer (vocab {vocab_size}) on the {len(train)} training documents",

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from tapa_megatron.config import ConfigError, read_yaml, to_dict
-from tapa_megatron.train import checkpoint
+from tapa_megatron.train import checkpoint_layout
 
 CONFIG_NAME = "config.yaml"
 
@@ -57,5 +57,5 @@ def set_aside_config(run_dir):
 
 def describe(run_dir):
     """What a run in run_dir will do: start afresh, or resume from its newest complete checkpoint."""
-    latest = checkpoint.latest_checkpoint(checkpoint.checkpoint_root(run_dir), report=lambda _: None)
+    latest = checkpoint_layout.latest_checkpoint(checkpoint_layout.checkpoint_root(run_dir), report=lambda _: None)
     return "a new run" if latest is None else f"resumes from {latest.name}"

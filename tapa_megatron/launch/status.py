@@ -17,8 +17,8 @@ from pathlib import Path
 
 from tapa_megatron.config import ConfigError, read_yaml
 from tapa_megatron.launch import rundir, slurm
-from tapa_megatron.train import checkpoint, summary
-from tapa_megatron.train.metrics import PROGRESS_NAME, read_progress
+from tapa_megatron.train import checkpoint_layout, summary
+from tapa_megatron.train.progress import PROGRESS_NAME, read_progress
 
 # The last line the batch script (slurm/train.sbatch) writes into a job's log says how the job ended.
 LOG_OUTCOMES = (("training finished", "finished"), ("requeueing job", "requeued to resume"),
@@ -67,7 +67,7 @@ def run_status(run_dir, with_slurm=None, now=None):
         config = {}  # submitted, not started yet (or not a run of ours): say what else is there
     total = (config.get("training") or {}).get("steps")
     progress = read_progress(run_dir)
-    newest = checkpoint.latest_checkpoint(checkpoint.checkpoint_root(run_dir), report=lambda _: None)
+    newest = checkpoint_layout.latest_checkpoint(checkpoint_layout.checkpoint_root(run_dir), report=lambda _: None)
     checkpoint_step = int(newest.name.removeprefix("step_")) if newest is not None else None
     step = max(progress["step"] if progress else 0, checkpoint_step or 0)
     status = dict(run_dir=str(run_dir), name=config.get("name") or run_dir.name, step=step, total_steps=total,

@@ -26,7 +26,6 @@ import errno
 import hashlib
 import json
 import os
-import re
 import shutil
 import time
 from pathlib import Path
@@ -37,74 +36,22 @@ from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, is_main_replica
 from tapa_megatron.megatron_compat import save_strategy
+from tapa_megatron.train.checkpoint_layout import (
+    DAMAGED_SUFFIX,
+    MARKER,
+    PARTIAL_SUFFIX,
+    REMOVING_SUFFIX,
+    checkpoint_name,
+    checkpoint_root,
+    is_complete,
+    list_checkpoints,
+    resolve_checkpoint,
+    report_incomplete,
+    step_of,
+)
 from tapa_megatron.train.errors import RunError
 
-MARKER = "tapa_complete.json"
-PARTIAL_SUFFIX = ".partial"
-DAMAGED_SUFFIX = ".damaged"  # a checkpoint that failed verification, set aside (never deleted by us)
-REMOVING_SUFFIX = ".removing"  # an old checkpoint being deleted by the rotation
-CHECKPOINT_NAME = re.compile(r"step_(\d+)")
 MIB = 2**20
-
-
-def checkpoint_name(step):
-    return f"step_{step:08d}"
-
-
-def checkpoint_root(run_dir):
-    return Path(run_dir) / "checkpoints"
-
-
-def is_complete(path):
-    return (Path(path) / MARKER).is_file()
-
-
-def list_checkpoints(root):
-    """(complete, incomplete) checkpoint directories under root, complete ones sorted by step. Directories
-    set aside (.damaged) or being deleted (.removing) are neither."""
-    root = Path(root)
-    if not root.is_dir():
-        return [], []
-    complete, incomplete = [], []
-    for path in sorted(root.iterdir(), key=_step_of):
-        if not path.is_dir():
-            continue
-        if CHECKPOINT_NAME.fullmatch(path.name):
-            (complete if is_complete(path) else incomplete).append(path)
-        elif CHECKPOINT_NAME.fullmatch(path.name.removesuffix(PARTIAL_SUFFIX)):
-            incomplete.append(path)
-    return complete, incomplete
-
-
-def _step_of(path):
-    match = CHECKPOINT_NAME.match(path.name)
-    return (int(match.group(1)) if match else -1, path.name)
-
-
-def _report_incomplete(incomplete, report):
-    for path in incomplete:
-        report(f"[checkpoint] ignoring incomplete checkpoint {path} (no {MARKER}: the run stopped while saving)")
-
-
-def latest_checkpoint(root, report=print):
-    """The newest complete checkpoint under root (None if there is none), unverified; incomplete ones are
-    reported. A resume takes latest_verified_checkpoint."""
-    complete, incomplete = list_checkpoints(root)
-    _report_incomplete(incomplete, report)
-    return complete[-1] if complete else None
-
-
-def resolve_checkpoint(path):
-    """A checkpoint directory, or a run directory / checkpoints directory (then its newest complete one)."""
-    path = Path(path)
-    if is_complete(path):
-        return path
-    for root in (path / "checkpoints", path):
-        found = latest_checkpoint(root, report=lambda _: None)
-        if found is not None:
-            return found
-    raise FileNotFoundError(f"No complete checkpoint at {path}: give a checkpoint directory (step_N with "
-                            f"{MARKER}) or a run directory that has one.")
 
 
 def _share():
@@ -195,7 +142,7 @@ def latest_verified_checkpoint(root, report=print):
     reported and the one before it is tried; damaged ones are never deleted. Collective: every rank calls it.
     Raises RunError when there are checkpoints and none of them verifies."""
     complete, incomplete = list_checkpoints(root)
-    _report_incomplete(incomplete, report)
+    report_incomplete(incomplete, report)
     damaged = []
     for path in reversed(complete):
         problems = verify(path)
@@ -413,7 +360,7 @@ def _remove_old(root, keep, saved_step):
     for path in root.glob(f"step_*{REMOVING_SUFFIX}"):
         shutil.rmtree(path)
     for path in incomplete:
-        if path.name.endswith(PARTIAL_SUFFIX) and _step_of(path)[0] < saved_step:
+        if path.name.endswith(PARTIAL_SUFFIX) and step_of(path)[0] < saved_step:
             shutil.rmtree(path)
 
 

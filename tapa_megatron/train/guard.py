@@ -12,7 +12,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from tapa_megatron.train import checkpoint
+from tapa_megatron.train import checkpoint_layout
 from tapa_megatron.train.errors import RunError
 
 
@@ -37,7 +37,8 @@ class NonFiniteGuard:
             self.report(f"[guard] {what}: update skipped, {self.skipped} of at most {self.limit} this job "
                         "(training.skip_nonfinite_steps)")
             return
-        newest = checkpoint.latest_checkpoint(checkpoint.checkpoint_root(self.cfg.run_dir), report=lambda _: None)
+        root = checkpoint_layout.checkpoint_root(self.cfg.run_dir)
+        newest = checkpoint_layout.latest_checkpoint(root, report=lambda _: None)
         kept = f"the newest checkpoint, {newest.name}, is untouched" if newest else "there is no checkpoint yet"
         skipped = (f"after skipping {self.skipped} such step(s) (training.skip_nonfinite_steps={self.limit})"
                    if self.limit else "")

@@ -5,7 +5,6 @@ TensorBoard / Weights & Biases scalars under Megatron-LM's names ("lm loss", "lm
 "consumed-tokens" and "tokens-per-second". Each logged step also rewrites RUN_DIR/progress.json (atomically),
 which `tapa status` reads."""
 
-import json
 import math
 import os
 import time
@@ -14,8 +13,8 @@ from pathlib import Path
 import torch
 
 from tapa_megatron.model.flops import PEAK_TFLOPS
+from tapa_megatron.train.progress import PROGRESS_NAME, write_progress
 
-PROGRESS_NAME = "progress.json"
 
 
 def peak_tflops():
@@ -104,22 +103,6 @@ class Metrics:
             self.writer.close()
         if self.wandb is not None:
             self.wandb.finish()
-
-
-def write_progress(path, record):
-    """Replace path with record as JSON in one rename, so a reader never sees half a file."""
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(json.dumps(record, indent=1) + "\n")
-    os.replace(partial, path)
-
-
-def read_progress(run_dir):
-    """The last logged step's record (see Metrics.log), or None before the first log line."""
-    path = Path(run_dir) / PROGRESS_NAME
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
 
 
 def wandb_run(logging_cfg, run_dir, name, config_dict):

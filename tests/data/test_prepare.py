@@ -7,7 +7,6 @@ import numpy
 import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from tapa_megatron.data import prepare as prepare_module
 from tapa_megatron.data.dataset import build_datasets
 from tapa_megatron.data.prepare import TRAIN_PREFIX, add_arguments, prepare, run
 from tapa_megatron.data.tokenizer import load_tokenizer
@@ -70,7 +69,9 @@ def test_failure_leaves_no_output_and_no_staging_dir(tmp_path, corpus_files, mon
     def broken_finalize(self, idx_path):
         raise OSError("disk full")
 
-    monkeypatch.setattr(prepare_module.IndexedDatasetBuilder, "finalize", broken_finalize)
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    monkeypatch.setattr(IndexedDatasetBuilder, "finalize", broken_finalize)
     with pytest.raises(OSError, match="disk full"):
         prepare(tmp_path / "data", inputs=paths[:2], vocab_size=300)
     assert list(tmp_path.iterdir()) == []

@@ -54,6 +54,13 @@ def test_status_of_a_cpu_run_from_its_directory_alone(novels_data, tmp_path):
     assert f"checkpoint  {run_dir}/checkpoints/step_00000004 (step 4)" in text
     assert "ETA" not in text and "jobs        none submitted with tapa submit" in text
 
+    # `tapa status` reads plain files: it never loads megatron-core (seconds to import, on every call).
+    loaded = subprocess.run([sys.executable, "-c", "import sys; from tapa_megatron.cli import main; "
+                             f"main(['status', {str(run_dir)!r}, '--no-slurm']); "
+                             "print(sorted(m for m in ('megatron.core', 'transformers') if m in sys.modules))"],
+                            capture_output=True, text=True, check=True).stdout.splitlines()[-1]
+    assert loaded == "[]"
+
 
 def test_status_refuses_a_directory_that_holds_no_run(tmp_path):
     (tmp_path / "empty").mkdir()
