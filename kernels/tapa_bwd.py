@@ -304,24 +304,39 @@ def _tapa_bwd_dq_kernel(
     )
 
 
-def dkdv_config(dtype, interpreted):
+def padded_width(head_dim, amp_dim):
+    """Dims the amplitude and phase parts of a row take in the kernels, each padded to a power of
+    two: head_dim for theta 0.5, more for 0.25 / 0.75 (D = 128: 32 + 128)."""
+    return triton.next_power_of_2(amp_dim) + triton.next_power_of_2(head_dim - amp_dim)
+
+
+def dkdv_config(dtype, head_dim, amp_dim, interpreted):
     """Launch options of the dK/dV kernel (BLOCK_M: queries per step, BLOCK_N: keys per program).
-    Chosen like the forward's: not autotuned, the tiles that fit sm_90's registers (ahead-of-time
-    compile). fp32 products run exactly on CUDA cores and hold more registers: smaller tiles."""
+    Chosen like the forward's: not autotuned, the tiles with the fewest instructions per score of
+    those that compile for sm_90 without spills (scripts/compile_kernels.py --check). Each key row
+    accumulates dK (padded_width fp32) and dV (head_dim): at D = 128 that is 128 registers a thread
+    of a 64-row warpgroup before any score, so only 16 queries a step and no second pipeline stage
+    fit. fp32 products run exactly on CUDA cores and hold more registers: smaller tiles."""
     if interpreted:
         return dict(BLOCK_M=32, BLOCK_N=32, SCAN_TILES=4)
     if dtype == torch.float32:
         return dict(BLOCK_M=16, BLOCK_N=32, SCAN_TILES=64, num_warps=8, num_stages=2)
-    return dict(BLOCK_M=32, BLOCK_N=64, SCAN_TILES=64, num_warps=mma_warps(64), num_stages=2)  # rows: keys
+    if head_dim > 64:
+        return dict(BLOCK_M=16, BLOCK_N=64, SCAN_TILES=64, num_warps=mma_warps(64), num_stages=1)  # rows: keys
+    if padded_width(head_dim, amp_dim) > head_dim:
+        return dict(BLOCK_M=16, BLOCK_N=64, SCAN_TILES=64, num_warps=mma_warps(64), num_stages=2)
+    return dict(BLOCK_M=32, BLOCK_N=128, SCAN_TILES=64, num_warps=mma_warps(128), num_stages=2)  # 2 warpgroups
 
 
-def dq_config(dtype, interpreted):
-    """Launch options of the dQ kernel (BLOCK_M: queries per program, BLOCK_N: keys per step)."""
+def dq_config(dtype, head_dim, amp_dim, interpreted):
+    """Launch options of the dQ kernel (BLOCK_M: queries per program, BLOCK_N: keys per step);
+    chosen as dkdv_config's."""
     if interpreted:
         return dict(BLOCK_M=32, BLOCK_N=32, SCAN_TILES=4)
     if dtype == torch.float32:
         return dict(BLOCK_M=32, BLOCK_N=32, SCAN_TILES=64, num_warps=8, num_stages=2)
-    return dict(BLOCK_M=64, BLOCK_N=32, SCAN_TILES=64, num_warps=mma_warps(64), num_stages=2)
+    stages = 1 if head_dim > 64 and padded_width(head_dim, amp_dim) > head_dim else 2
+    return dict(BLOCK_M=64, BLOCK_N=32, SCAN_TILES=64, num_warps=mma_warps(64), num_stages=stages)
 
 
 def tapa_bwd(
@@ -352,11 +367,11 @@ def tapa_bwd(
         HEAD_DIM=head_dim, HAS_DLSE=dlse is not None, BLOCK_M=DELTA_BLOCK,
     )
     common = (cu_seqlens_q, cu_seqlens_k, q_pos, k_pos, *q.stride(), *k.stride(), *v.stride(), *do.stride())
-    config = dkdv_config(q.dtype, interpreting(q))
+    config = dkdv_config(q.dtype, head_dim, amp_dim, interpreting(q))
     _tapa_bwd_dkdv_kernel[(triton.cdiv(max_seqlen_k, config["BLOCK_N"]), n_docs, heads_kv)](
         q, k, v, do, lse, delta, dk, dv, *common, *dk.stride(), *dv.stride(), **scalars, **options, **config
     )
-    config = dq_config(q.dtype, interpreting(q))
+    config = dq_config(q.dtype, head_dim, amp_dim, interpreting(q))
     _tapa_bwd_dq_kernel[(triton.cdiv(max_seqlen_q, config["BLOCK_M"]), n_docs, heads_q)](
         q, k, v, do, lse, delta, dq, *common, *dq.stride(), **scalars, **options, **config
     )

@@ -247,4 +247,10 @@ def score_parts(
     amp = tl.dot(row_amp, tl.trans(col_amp), input_precision=DOT_PRECISION)
     dist = distance_power(row_pos, col_pos, alpha, log2_phase_scale, FAST_MATH)
     phi = phase_product(row_phase, col_phase, PHASE_QUADRATIC, DOT_PRECISION)
+    if not PHASE_QUADRATIC:
+        # The linear phi broadcasts (rows,) sums of loads, so Triton would lay the power, angle,
+        # cos and sin out like the loads and convert them to the dot's layout every tile (through
+        # shared memory), recomputing the power in both. Adding 0 * amp (one FFMA) anchors phi in
+        # the dot's layout, as the quadratic phi's own dot does. Exact for finite amp.
+        phi = phi + amp * 0.0
     return amp, dist, turns_to_radians(dist * phi, FAST_MATH)

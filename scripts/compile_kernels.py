@@ -129,10 +129,12 @@ def launch_choices(kernel, config):
     if kernel.startswith("delta"):  # tapa_bwd launches it with Triton's default num_warps / num_stages
         constexprs = dict(HEAD_DIM=config.head_dim, HAS_DLSE=kernel == "delta+dlse", BLOCK_M=DELTA_BLOCK)
         return _tapa_bwd_delta_kernel, constexprs, {}
+    # The flash baselines (theta None) take the tiles of theta 0.5, where the padded widths are head_dim.
+    amp_dim = amplitude_dim(config.head_dim, 0.5 if config.theta is None else config.theta)
     choices = {
         "fwd": (_tapa_fwd_kernel, fwd_config(dtype, config.head_dim, interpreted=False)),
-        "dkdv": (_tapa_bwd_dkdv_kernel, dkdv_config(dtype, interpreted=False)),
-        "dq": (_tapa_bwd_dq_kernel, dq_config(dtype, interpreted=False)),
+        "dkdv": (_tapa_bwd_dkdv_kernel, dkdv_config(dtype, config.head_dim, amp_dim, interpreted=False)),
+        "dq": (_tapa_bwd_dq_kernel, dq_config(dtype, config.head_dim, amp_dim, interpreted=False)),
     }
     if kernel.startswith("flash "):  # the baseline, with the tile / warps / stages of the TAPA kernel
         _, choice = choices[kernel.removeprefix("flash ")]
@@ -141,7 +143,6 @@ def launch_choices(kernel, config):
         options = {name: value for name, value in choice.items() if name not in fn.arg_names and name != "SCAN_TILES"}
         return fn, constexprs, options
     fn, choice = choices[kernel]
-    amp_dim = amplitude_dim(config.head_dim, config.theta)
     constexprs = kernel_constexprs(dtype, config.head_dim, amp_dim, config.phase, config.causal, fast_math=True)
     # As in a launch, the keywords that are no kernel parameter (num_warps, num_stages) are compile options.
     constexprs.update((name, value) for name, value in choice.items() if name in fn.arg_names)
