@@ -102,6 +102,19 @@ def visible_tile_range(
 
 
 @triton.jit
+def scanned_tiles(pos_ptr, start, length, first, TILE: tl.constexpr, SCAN_TILES: tl.constexpr, LARGEST: tl.constexpr):
+    """One step of the tile scans below: the first token of each of SCAN_TILES tiles from token
+    `first`, and each tile's largest (LARGEST) or smallest position."""
+    pos = load_positions(pos_ptr, start, first + tl.arange(0, SCAN_TILES * TILE), length)
+    pos = tl.reshape(pos, (SCAN_TILES, TILE))
+    if LARGEST:
+        bound = tl.max(pos, 1)
+    else:
+        bound = tl.min(pos, 1)
+    return first + tl.arange(0, SCAN_TILES) * TILE, bound
+
+
+@triton.jit
 def unmasked_tile_end(
     pos_ptr, start, length, lo, hi, bound,
     TILE: tl.constexpr, SCAN_TILES: tl.constexpr, CAUSAL: tl.constexpr,
@@ -112,11 +125,9 @@ def unmasked_tile_end(
     last tile, and with unsorted positions anything after the first partly hidden one) are masked."""
     end = hi
     if CAUSAL:
-        offs = tl.arange(0, SCAN_TILES * TILE)
         for first in range(lo, hi, SCAN_TILES * TILE):
-            pos = load_positions(pos_ptr, start, first + offs, length)
-            tiles = first + tl.arange(0, SCAN_TILES) * TILE
-            whole = (tiles + TILE <= length) & (tl.max(tl.reshape(pos, (SCAN_TILES, TILE)), 1) <= bound)
+            tiles, largest = scanned_tiles(pos_ptr, start, length, first, TILE, SCAN_TILES, True)
+            whole = (tiles + TILE <= length) & (largest <= bound)
             end = tl.minimum(end, tl.min(tl.where(~whole & (tiles < hi), tiles, hi), 0))
     else:
         end = tl.minimum(hi, (length // TILE) * TILE)
@@ -135,11 +146,9 @@ def hidden_tile_end(
     Queries past the document need no mask: their dO, lse and delta read 0, so they add nothing."""
     end = lo
     if CAUSAL:
-        offs = tl.arange(0, SCAN_TILES * TILE)
         for first in range(lo, hi, SCAN_TILES * TILE):
-            pos = load_positions(pos_ptr, start, first + offs, length)
-            tiles = first + tl.arange(0, SCAN_TILES) * TILE
-            hidden = (tl.min(tl.reshape(pos, (SCAN_TILES, TILE)), 1) < bound) & (tiles < hi)
+            tiles, smallest = scanned_tiles(pos_ptr, start, length, first, TILE, SCAN_TILES, False)
+            hidden = (smallest < bound) & (tiles < hi)
             end = tl.maximum(end, tl.max(tl.where(hidden, tiles + TILE, lo), 0))
     return end
 
