@@ -69,7 +69,7 @@ TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.flo
 # Pointers to something other than q / k / v-like rows of the input dtype.
 POINTEE_TYPES = {
     "lse_ptr": "fp32", "delta_ptr": "fp32", "dlse_ptr": "fp32",
-    "q_pos_ptr": "i64", "k_pos_ptr": "i64", "cu_seqlens_q": "i32", "cu_seqlens_k": "i32",
+    "q_pos_ptr": "i64", "k_pos_ptr": "i64", "cu_seqlens_q": "i32", "cu_seqlens_k": "i32", "contiguous_ptr": "i8",
 }
 FLOAT_SCALARS = ("alpha", "amp_scale", "log2_phase_scale")  # as tapa_fwd.kernel_scalars passes them
 DIVISIBLE_BY_16 = [["tt.divisibility", 16]]
