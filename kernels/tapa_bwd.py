@@ -241,7 +241,7 @@ def _tapa_bwd_dkdv_kernel(
     total_q, alpha, amp_scale, log2_phase_scale, group,
     AMP: tl.constexpr, PHASE: tl.constexpr, AMP_PAD: tl.constexpr, PHASE_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, PHASE_QUADRATIC: tl.constexpr, CAUSAL: tl.constexpr,
-    FAST_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    FAST_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr, DIAGONAL_POWER: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SCAN_TILES: tl.constexpr,
 ):
     block_n = tl.program_id(0)
@@ -274,7 +274,8 @@ def _tapa_bwd_dkdv_kernel(
     mid = hidden_tile_end(q_pos_ptr, q_start, q_len, lo, hi, tl.max(k_pos, 0), BLOCK_M, SCAN_TILES, CAUSAL)
     # Documents whose query and key positions both count up by one (contiguous_documents) take the
     # power once per tile diagonal; the others per score.
-    if tl.load(contiguous_ptr + doc) != 0:
+    contiguous = tl.load(contiguous_ptr + doc) != 0 if DIAGONAL_POWER else False
+    if contiguous:
         dk_amp, dk_phase, dv = dkdv_query_tiles(
             dk_amp, dk_phase, dv, k_amp, k_phase, v, k_pos, offs_n < k_len, q_ptr, do_ptr, lse_ptr, delta_ptr,
             q_pos_ptr, q_start, q_len, kv_head, group, total_q, lo, mid, hi, stride_qh, stride_doh,
@@ -308,7 +309,7 @@ def _tapa_bwd_dq_kernel(
     total_q, alpha, amp_scale, log2_phase_scale, group,
     AMP: tl.constexpr, PHASE: tl.constexpr, AMP_PAD: tl.constexpr, PHASE_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, PHASE_QUADRATIC: tl.constexpr, CAUSAL: tl.constexpr,
-    FAST_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    FAST_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr, DIAGONAL_POWER: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SCAN_TILES: tl.constexpr,
 ):
     block_m = tl.program_id(0)
@@ -340,7 +341,8 @@ def _tapa_bwd_dq_kernel(
     lo, hi = visible_tile_range(k_pos_ptr, k_start, k_len, tl.max(q_pos, 0), BLOCK_N, SCAN_TILES, True, CAUSAL)
     # Key tiles every query sees first, with no mask; then the diagonal / partial ones, masked.
     mid = unmasked_tile_end(k_pos_ptr, k_start, k_len, lo, hi, tl.min(q_pos, 0), BLOCK_N, SCAN_TILES, CAUSAL)
-    if tl.load(contiguous_ptr + doc) != 0:  # as in the dK/dV kernel
+    contiguous = tl.load(contiguous_ptr + doc) != 0 if DIAGONAL_POWER else False
+    if contiguous:  # as in the dK/dV kernel
         dq_amp, dq_phase = dq_key_tiles(
             dq_amp, dq_phase, q_amp, q_phase, do, lse, delta, q_pos, q_valid, k_ptr, v_ptr, k_pos_ptr, k_start, k_len,
             lo, mid, hi, stride_kt, stride_kd, stride_vt, stride_vd, alpha, amp_scale, log2_phase_scale,

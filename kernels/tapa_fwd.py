@@ -103,7 +103,7 @@ def _tapa_fwd_kernel(
     alpha, amp_scale, log2_phase_scale, group,
     AMP: tl.constexpr, PHASE: tl.constexpr, AMP_PAD: tl.constexpr, PHASE_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, PHASE_QUADRATIC: tl.constexpr, CAUSAL: tl.constexpr,
-    FAST_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    FAST_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr, DIAGONAL_POWER: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SCAN_TILES: tl.constexpr,
 ):
     block_m = tl.program_id(0)
@@ -136,7 +136,8 @@ def _tapa_fwd_kernel(
     mid = unmasked_tile_end(k_pos_ptr, k_start, k_len, lo, hi, tl.min(q_pos, 0), BLOCK_N, SCAN_TILES, CAUSAL)
     # Documents whose query and key positions both count up by one (contiguous_documents) take the
     # power once per tile diagonal; the others per score.
-    if tl.load(contiguous_ptr + doc) != 0:
+    contiguous = tl.load(contiguous_ptr + doc) != 0 if DIAGONAL_POWER else False
+    if contiguous:
         row_max, row_sum, acc = attend_key_tiles(
             row_max, row_sum, acc, q_amp, q_phase, q_pos, q_valid, k_ptr, v_ptr, k_pos_ptr, k_start, k_len, lo, mid, hi,
             stride_kt, stride_kd, stride_vt, stride_vd, alpha, score_scale, log2_phase_scale,
@@ -202,6 +203,10 @@ def kernel_constexprs(dtype, head_dim, amp_dim, phase, causal, *, fast_math):
         # The phase amplifies dot-product error: fp32 inputs need exact fp32 products, not tf32.
         # (The precision setting only affects fp32 operands; for fp16 / bf16 the default is kept.)
         DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+        # |m - n|^alpha once per tile diagonal for contiguous documents (diagonal_distance_power); not
+        # for fp32 on the GPU, whose CUDA-core products hold their operands in registers: the gathered
+        # tile made those kernels spill (more). The interpreter runs it for every dtype.
+        DIAGONAL_POWER=not (fast_math and dtype == torch.float32),
     )
 
 
