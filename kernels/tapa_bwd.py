@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tapa_kernels.tapa_fwd import LN2, LOG2E, interpreting, kernel_options, kernel_scalars, mma_warps
+from tapa_kernels.tapa_fwd import LN2, LOG2E, contiguous_documents, interpreting, kernel_options, kernel_scalars, mma_warps
 from tapa_kernels.tapa_score import (
     TWO_PI,
     cos_radians,
@@ -90,8 +90,8 @@ def dkdv_query_tile(
     dk_amp, dk_phase, dv, k_amp, k_phase, v, k_pos, k_valid, q_ptr, do_ptr, lse_ptr, delta_ptr, q_pos_ptr,
     q_start, q_len, start_m, stride_qt, stride_qd, stride_dot, stride_dod, alpha, amp_scale, log2_phase_scale,
     AMP: tl.constexpr, PHASE: tl.constexpr, AMP_PAD: tl.constexpr, PHASE_PAD: tl.constexpr,
-    HEAD_DIM: tl.constexpr, PHASE_QUADRATIC: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-    FAST_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr, PHASE_QUADRATIC: tl.constexpr, MASKED: tl.constexpr, CONTIGUOUS: tl.constexpr,
+    CAUSAL: tl.constexpr, FAST_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """One query tile's contribution to a key tile's dK, dV (tiles are keys x queries). MASKED=False:
     every query of the tile sees every key (hidden_tile_end), so no causal compare per score."""
@@ -105,8 +105,8 @@ def dkdv_query_tile(
     lse = tl.load(lse_ptr + offs_m, mask=q_valid, other=0.0) * LOG2E
     delta = tl.load(delta_ptr + offs_m, mask=q_valid, other=0.0)
     amp, dist, angle = score_parts(
-        k_amp, k_phase, q_amp, q_phase, k_pos, q_pos, alpha, log2_phase_scale, PHASE_QUADRATIC, DOT_PRECISION,
-        FAST_MATH,
+        k_amp, k_phase, q_amp, q_phase, k_pos, q_pos, alpha, log2_phase_scale, PHASE_QUADRATIC, CONTIGUOUS,
+        DOT_PRECISION, FAST_MATH,
     )
     amp *= amp_scale * LOG2E
     visible = is_visible(q_pos[None, :], k_pos[:, None], q_valid[None, :], k_valid[:, None], CAUSAL)
@@ -124,8 +124,8 @@ def dq_key_tile(
     dq_amp, dq_phase, q_amp, q_phase, do, lse, delta, q_pos, q_valid, k_ptr, v_ptr, k_pos_ptr, k_start, k_len,
     start_n, stride_kt, stride_kd, stride_vt, stride_vd, alpha, amp_scale, log2_phase_scale,
     AMP: tl.constexpr, PHASE: tl.constexpr, AMP_PAD: tl.constexpr, PHASE_PAD: tl.constexpr,
-    HEAD_DIM: tl.constexpr, PHASE_QUADRATIC: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-    FAST_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, PHASE_QUADRATIC: tl.constexpr, MASKED: tl.constexpr, CONTIGUOUS: tl.constexpr,
+    CAUSAL: tl.constexpr, FAST_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One key tile's contribution to a query tile's dQ. MASKED=False: every query of the tile
     sees every key (unmasked_tile_end), so no causal compare per score."""
@@ -136,8 +136,8 @@ def dq_key_tile(
     )
     v = load_rows(v_ptr, k_start, offs_n, k_len, stride_vt, stride_vd, tl.arange(0, HEAD_DIM), HEAD_DIM)
     amp, dist, angle = score_parts(
-        q_amp, q_phase, k_amp, k_phase, q_pos, k_pos, alpha, log2_phase_scale, PHASE_QUADRATIC, DOT_PRECISION,
-        FAST_MATH,
+        q_amp, q_phase, k_amp, k_phase, q_pos, k_pos, alpha, log2_phase_scale, PHASE_QUADRATIC, CONTIGUOUS,
+        DOT_PRECISION, FAST_MATH,
     )
     amp *= amp_scale * LOG2E
     visible = is_visible(q_pos[:, None], k_pos[None, :], q_valid[:, None], (offs_n < k_len)[None, :], CAUSAL)
@@ -146,6 +146,66 @@ def dq_key_tile(
     d_amp, d_phi = score_grads(probs, dprobs, delta[:, None], amp, dist, angle, cos, FAST_MATH)
     dq_amp = tl.dot(d_amp.to(k_amp.dtype), k_amp, dq_amp, input_precision=DOT_PRECISION)
     dq_phase = accumulate_phase_grad(dq_phase, d_phi, k_phase, PHASE_QUADRATIC, DOT_PRECISION)
+    return dq_amp, dq_phase
+
+
+@triton.jit
+def dkdv_query_tiles(
+    dk_amp, dk_phase, dv, k_amp, k_phase, v, k_pos, k_valid, q_ptr, do_ptr, lse_ptr, delta_ptr, q_pos_ptr,
+    q_start, q_len, kv_head, group, total_q, lo, mid, hi, stride_qh, stride_doh,
+    stride_qt, stride_qd, stride_dot, stride_dod, alpha, amp_scale, log2_phase_scale,
+    AMP: tl.constexpr, PHASE: tl.constexpr, AMP_PAD: tl.constexpr, PHASE_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, PHASE_QUADRATIC: tl.constexpr, CONTIGUOUS: tl.constexpr, CAUSAL: tl.constexpr,
+    FAST_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """The query tiles [lo, hi) of every query head of the group: masked before mid, then unmasked."""
+    for head in range(kv_head * group, (kv_head + 1) * group):
+        q_head_ptr = q_ptr + head * stride_qh
+        do_head_ptr = do_ptr + head * stride_doh
+        lse_head_ptr = lse_ptr + head * total_q + q_start
+        delta_head_ptr = delta_ptr + head * total_q + q_start
+        for start_m in range(lo, mid, BLOCK_M):
+            dk_amp, dk_phase, dv = dkdv_query_tile(
+                dk_amp, dk_phase, dv, k_amp, k_phase, v, k_pos, k_valid, q_head_ptr, do_head_ptr,
+                lse_head_ptr, delta_head_ptr, q_pos_ptr, q_start, q_len, start_m,
+                stride_qt, stride_qd, stride_dot, stride_dod, alpha, amp_scale, log2_phase_scale,
+                AMP, PHASE, AMP_PAD, PHASE_PAD, HEAD_DIM, PHASE_QUADRATIC, True, CONTIGUOUS, CAUSAL, FAST_MATH,
+                DOT_PRECISION, BLOCK_M,
+            )
+        for start_m in range(mid, hi, BLOCK_M):
+            dk_amp, dk_phase, dv = dkdv_query_tile(
+                dk_amp, dk_phase, dv, k_amp, k_phase, v, k_pos, k_valid, q_head_ptr, do_head_ptr,
+                lse_head_ptr, delta_head_ptr, q_pos_ptr, q_start, q_len, start_m,
+                stride_qt, stride_qd, stride_dot, stride_dod, alpha, amp_scale, log2_phase_scale,
+                AMP, PHASE, AMP_PAD, PHASE_PAD, HEAD_DIM, PHASE_QUADRATIC, False, CONTIGUOUS, CAUSAL, FAST_MATH,
+                DOT_PRECISION, BLOCK_M,
+            )
+    return dk_amp, dk_phase, dv
+
+
+@triton.jit
+def dq_key_tiles(
+    dq_amp, dq_phase, q_amp, q_phase, do, lse, delta, q_pos, q_valid, k_ptr, v_ptr, k_pos_ptr, k_start, k_len,
+    lo, mid, hi, stride_kt, stride_kd, stride_vt, stride_vd, alpha, amp_scale, log2_phase_scale,
+    AMP: tl.constexpr, PHASE: tl.constexpr, AMP_PAD: tl.constexpr, PHASE_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, PHASE_QUADRATIC: tl.constexpr, CONTIGUOUS: tl.constexpr, CAUSAL: tl.constexpr,
+    FAST_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """The key tiles [lo, hi): unmasked before mid, then masked."""
+    for start_n in range(lo, mid, BLOCK_N):
+        dq_amp, dq_phase = dq_key_tile(
+            dq_amp, dq_phase, q_amp, q_phase, do, lse, delta, q_pos, q_valid, k_ptr, v_ptr, k_pos_ptr, k_start, k_len,
+            start_n, stride_kt, stride_kd, stride_vt, stride_vd, alpha, amp_scale, log2_phase_scale,
+            AMP, PHASE, AMP_PAD, PHASE_PAD, HEAD_DIM, PHASE_QUADRATIC, False, CONTIGUOUS, CAUSAL, FAST_MATH,
+            DOT_PRECISION, BLOCK_N,
+        )
+    for start_n in range(mid, hi, BLOCK_N):
+        dq_amp, dq_phase = dq_key_tile(
+            dq_amp, dq_phase, q_amp, q_phase, do, lse, delta, q_pos, q_valid, k_ptr, v_ptr, k_pos_ptr, k_start, k_len,
+            start_n, stride_kt, stride_kd, stride_vt, stride_vd, alpha, amp_scale, log2_phase_scale,
+            AMP, PHASE, AMP_PAD, PHASE_PAD, HEAD_DIM, PHASE_QUADRATIC, True, CONTIGUOUS, CAUSAL, FAST_MATH,
+            DOT_PRECISION, BLOCK_N,
+        )
     return dq_amp, dq_phase
 
 
@@ -171,7 +231,7 @@ def _tapa_bwd_delta_kernel(
 @triton.jit
 def _tapa_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
-    cu_seqlens_q, cu_seqlens_k, q_pos_ptr, k_pos_ptr,
+    cu_seqlens_q, cu_seqlens_k, q_pos_ptr, k_pos_ptr, contiguous_ptr,
     stride_qt, stride_qh, stride_qd,
     stride_kt, stride_kh, stride_kd,
     stride_vt, stride_vh, stride_vd,
@@ -181,7 +241,7 @@ def _tapa_bwd_dkdv_kernel(
     total_q, alpha, amp_scale, log2_phase_scale, group,
     AMP: tl.constexpr, PHASE: tl.constexpr, AMP_PAD: tl.constexpr, PHASE_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, PHASE_QUADRATIC: tl.constexpr, CAUSAL: tl.constexpr,
-    FAST_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    FAST_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr, DIAGONAL_POWER: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SCAN_TILES: tl.constexpr,
 ):
     block_n = tl.program_id(0)
@@ -212,27 +272,23 @@ def _tapa_bwd_dkdv_kernel(
     # Query tiles on the diagonal (some query before some key) first, masked; then the ones that
     # see every key of the tile, with no causal compare and no select per score.
     mid = hidden_tile_end(q_pos_ptr, q_start, q_len, lo, hi, tl.max(k_pos, 0), BLOCK_M, SCAN_TILES, CAUSAL)
-    for head in range(kv_head * group, (kv_head + 1) * group):
-        q_head_ptr = q_ptr + head * stride_qh
-        do_head_ptr = do_ptr + head * stride_doh
-        lse_head_ptr = lse_ptr + head * total_q + q_start
-        delta_head_ptr = delta_ptr + head * total_q + q_start
-        for start_m in range(lo, mid, BLOCK_M):
-            dk_amp, dk_phase, dv = dkdv_query_tile(
-                dk_amp, dk_phase, dv, k_amp, k_phase, v, k_pos, offs_n < k_len, q_head_ptr, do_head_ptr,
-                lse_head_ptr, delta_head_ptr, q_pos_ptr, q_start, q_len, start_m,
-                stride_qt, stride_qd, stride_dot, stride_dod, alpha, amp_scale, log2_phase_scale,
-                AMP, PHASE, AMP_PAD, PHASE_PAD, HEAD_DIM, PHASE_QUADRATIC, True, CAUSAL, FAST_MATH, DOT_PRECISION,
-                BLOCK_M,
-            )
-        for start_m in range(mid, hi, BLOCK_M):
-            dk_amp, dk_phase, dv = dkdv_query_tile(
-                dk_amp, dk_phase, dv, k_amp, k_phase, v, k_pos, offs_n < k_len, q_head_ptr, do_head_ptr,
-                lse_head_ptr, delta_head_ptr, q_pos_ptr, q_start, q_len, start_m,
-                stride_qt, stride_qd, stride_dot, stride_dod, alpha, amp_scale, log2_phase_scale,
-                AMP, PHASE, AMP_PAD, PHASE_PAD, HEAD_DIM, PHASE_QUADRATIC, False, CAUSAL, FAST_MATH, DOT_PRECISION,
-                BLOCK_M,
-            )
+    # Documents whose query and key positions both count up by one (contiguous_documents) take the
+    # power once per tile diagonal; the others per score.
+    contiguous = tl.load(contiguous_ptr + doc) != 0 if DIAGONAL_POWER else False
+    if contiguous:
+        dk_amp, dk_phase, dv = dkdv_query_tiles(
+            dk_amp, dk_phase, dv, k_amp, k_phase, v, k_pos, offs_n < k_len, q_ptr, do_ptr, lse_ptr, delta_ptr,
+            q_pos_ptr, q_start, q_len, kv_head, group, total_q, lo, mid, hi, stride_qh, stride_doh,
+            stride_qt, stride_qd, stride_dot, stride_dod, alpha, amp_scale, log2_phase_scale,
+            AMP, PHASE, AMP_PAD, PHASE_PAD, HEAD_DIM, PHASE_QUADRATIC, True, CAUSAL, FAST_MATH, DOT_PRECISION, BLOCK_M,
+        )
+    else:
+        dk_amp, dk_phase, dv = dkdv_query_tiles(
+            dk_amp, dk_phase, dv, k_amp, k_phase, v, k_pos, offs_n < k_len, q_ptr, do_ptr, lse_ptr, delta_ptr,
+            q_pos_ptr, q_start, q_len, kv_head, group, total_q, lo, mid, hi, stride_qh, stride_doh,
+            stride_qt, stride_qd, stride_dot, stride_dod, alpha, amp_scale, log2_phase_scale,
+            AMP, PHASE, AMP_PAD, PHASE_PAD, HEAD_DIM, PHASE_QUADRATIC, False, CAUSAL, FAST_MATH, DOT_PRECISION, BLOCK_M,
+        )
 
     store_split_rows(
         dk_ptr + kv_head * stride_dkh, dk_amp * amp_scale, phase_grad_rows(dk_phase * PHASE_GRAD_SCALE, PHASE_QUADRATIC),
@@ -244,7 +300,7 @@ def _tapa_bwd_dkdv_kernel(
 @triton.jit
 def _tapa_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
-    cu_seqlens_q, cu_seqlens_k, q_pos_ptr, k_pos_ptr,
+    cu_seqlens_q, cu_seqlens_k, q_pos_ptr, k_pos_ptr, contiguous_ptr,
     stride_qt, stride_qh, stride_qd,
     stride_kt, stride_kh, stride_kd,
     stride_vt, stride_vh, stride_vd,
@@ -253,7 +309,7 @@ def _tapa_bwd_dq_kernel(
     total_q, alpha, amp_scale, log2_phase_scale, group,
     AMP: tl.constexpr, PHASE: tl.constexpr, AMP_PAD: tl.constexpr, PHASE_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, PHASE_QUADRATIC: tl.constexpr, CAUSAL: tl.constexpr,
-    FAST_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    FAST_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr, DIAGONAL_POWER: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SCAN_TILES: tl.constexpr,
 ):
     block_m = tl.program_id(0)
@@ -285,17 +341,18 @@ def _tapa_bwd_dq_kernel(
     lo, hi = visible_tile_range(k_pos_ptr, k_start, k_len, tl.max(q_pos, 0), BLOCK_N, SCAN_TILES, True, CAUSAL)
     # Key tiles every query sees first, with no mask; then the diagonal / partial ones, masked.
     mid = unmasked_tile_end(k_pos_ptr, k_start, k_len, lo, hi, tl.min(q_pos, 0), BLOCK_N, SCAN_TILES, CAUSAL)
-    for start_n in range(lo, mid, BLOCK_N):
-        dq_amp, dq_phase = dq_key_tile(
+    contiguous = tl.load(contiguous_ptr + doc) != 0 if DIAGONAL_POWER else False
+    if contiguous:  # as in the dK/dV kernel
+        dq_amp, dq_phase = dq_key_tiles(
             dq_amp, dq_phase, q_amp, q_phase, do, lse, delta, q_pos, q_valid, k_ptr, v_ptr, k_pos_ptr, k_start, k_len,
-            start_n, stride_kt, stride_kd, stride_vt, stride_vd, alpha, amp_scale, log2_phase_scale,
-            AMP, PHASE, AMP_PAD, PHASE_PAD, HEAD_DIM, PHASE_QUADRATIC, False, CAUSAL, FAST_MATH, DOT_PRECISION, BLOCK_N,
-        )
-    for start_n in range(mid, hi, BLOCK_N):
-        dq_amp, dq_phase = dq_key_tile(
-            dq_amp, dq_phase, q_amp, q_phase, do, lse, delta, q_pos, q_valid, k_ptr, v_ptr, k_pos_ptr, k_start, k_len,
-            start_n, stride_kt, stride_kd, stride_vt, stride_vd, alpha, amp_scale, log2_phase_scale,
+            lo, mid, hi, stride_kt, stride_kd, stride_vt, stride_vd, alpha, amp_scale, log2_phase_scale,
             AMP, PHASE, AMP_PAD, PHASE_PAD, HEAD_DIM, PHASE_QUADRATIC, True, CAUSAL, FAST_MATH, DOT_PRECISION, BLOCK_N,
+        )
+    else:
+        dq_amp, dq_phase = dq_key_tiles(
+            dq_amp, dq_phase, q_amp, q_phase, do, lse, delta, q_pos, q_valid, k_ptr, v_ptr, k_pos_ptr, k_start, k_len,
+            lo, mid, hi, stride_kt, stride_kd, stride_vt, stride_vd, alpha, amp_scale, log2_phase_scale,
+            AMP, PHASE, AMP_PAD, PHASE_PAD, HEAD_DIM, PHASE_QUADRATIC, False, CAUSAL, FAST_MATH, DOT_PRECISION, BLOCK_N,
         )
 
     store_split_rows(
@@ -304,24 +361,39 @@ def _tapa_bwd_dq_kernel(
     )
 
 
-def dkdv_config(dtype, interpreted):
+def padded_width(head_dim, amp_dim):
+    """Dims the amplitude and phase parts of a row take in the kernels, each padded to a power of
+    two: head_dim for theta 0.5, more for 0.25 / 0.75 (D = 128: 32 + 128)."""
+    return triton.next_power_of_2(amp_dim) + triton.next_power_of_2(head_dim - amp_dim)
+
+
+def dkdv_config(dtype, head_dim, amp_dim, interpreted):
     """Launch options of the dK/dV kernel (BLOCK_M: queries per step, BLOCK_N: keys per program).
-    Chosen like the forward's: not autotuned, the tiles that fit sm_90's registers (ahead-of-time
-    compile). fp32 products run exactly on CUDA cores and hold more registers: smaller tiles."""
+    Chosen like the forward's: not autotuned, the tiles with the fewest instructions per score of
+    those that compile for sm_90 without spills (scripts/compile_kernels.py --check). Each key row
+    accumulates dK (padded_width fp32) and dV (head_dim): at D = 128 that is 128 registers a thread
+    of a 64-row warpgroup before any score, so only 16 queries a step and no second pipeline stage
+    fit. fp32 products run exactly on CUDA cores and hold more registers: smaller tiles."""
     if interpreted:
         return dict(BLOCK_M=32, BLOCK_N=32, SCAN_TILES=4)
     if dtype == torch.float32:
         return dict(BLOCK_M=16, BLOCK_N=32, SCAN_TILES=64, num_warps=8, num_stages=2)
-    return dict(BLOCK_M=32, BLOCK_N=64, SCAN_TILES=64, num_warps=mma_warps(64), num_stages=2)  # rows: keys
+    if head_dim > 64:  # two warpgroups of 64 keys each
+        return dict(BLOCK_M=16, BLOCK_N=128, SCAN_TILES=64, num_warps=mma_warps(128), num_stages=1)
+    if padded_width(head_dim, amp_dim) > head_dim:
+        return dict(BLOCK_M=16, BLOCK_N=64, SCAN_TILES=64, num_warps=mma_warps(64), num_stages=2)
+    return dict(BLOCK_M=32, BLOCK_N=128, SCAN_TILES=64, num_warps=mma_warps(128), num_stages=2)  # 2 warpgroups
 
 
-def dq_config(dtype, interpreted):
-    """Launch options of the dQ kernel (BLOCK_M: queries per program, BLOCK_N: keys per step)."""
+def dq_config(dtype, head_dim, amp_dim, interpreted):
+    """Launch options of the dQ kernel (BLOCK_M: queries per program, BLOCK_N: keys per step);
+    chosen as dkdv_config's."""
     if interpreted:
         return dict(BLOCK_M=32, BLOCK_N=32, SCAN_TILES=4)
     if dtype == torch.float32:
         return dict(BLOCK_M=32, BLOCK_N=32, SCAN_TILES=64, num_warps=8, num_stages=2)
-    return dict(BLOCK_M=64, BLOCK_N=32, SCAN_TILES=64, num_warps=mma_warps(64), num_stages=2)
+    stages = 1 if head_dim > 64 and padded_width(head_dim, amp_dim) > head_dim else 2
+    return dict(BLOCK_M=64, BLOCK_N=32, SCAN_TILES=64, num_warps=mma_warps(64), num_stages=stages)
 
 
 def tapa_bwd(
@@ -351,12 +423,13 @@ def tapa_bwd(
         out, do, dlse_arg, delta, total_q, *out.stride(), *do.stride(), *dlse_arg.stride(),
         HEAD_DIM=head_dim, HAS_DLSE=dlse is not None, BLOCK_M=DELTA_BLOCK,
     )
-    common = (cu_seqlens_q, cu_seqlens_k, q_pos, k_pos, *q.stride(), *k.stride(), *v.stride(), *do.stride())
-    config = dkdv_config(q.dtype, interpreting(q))
+    contiguous = contiguous_documents(cu_seqlens_q, cu_seqlens_k, q_pos, k_pos)
+    common = (cu_seqlens_q, cu_seqlens_k, q_pos, k_pos, contiguous, *q.stride(), *k.stride(), *v.stride(), *do.stride())
+    config = dkdv_config(q.dtype, head_dim, amp_dim, interpreting(q))
     _tapa_bwd_dkdv_kernel[(triton.cdiv(max_seqlen_k, config["BLOCK_N"]), n_docs, heads_kv)](
         q, k, v, do, lse, delta, dk, dv, *common, *dk.stride(), *dv.stride(), **scalars, **options, **config
     )
-    config = dq_config(q.dtype, interpreting(q))
+    config = dq_config(q.dtype, head_dim, amp_dim, interpreting(q))
     _tapa_bwd_dq_kernel[(triton.cdiv(max_seqlen_q, config["BLOCK_M"]), n_docs, heads_q)](
         q, k, v, do, lse, delta, dq, *common, *dq.stride(), **scalars, **options, **config
     )

@@ -33,8 +33,8 @@ def attend_key_tile(
     row_max, row_sum, acc, q_amp, q_phase, q_pos, q_valid, k_ptr, v_ptr, k_pos_ptr, k_start, k_len, start_n,
     stride_kt, stride_kd, stride_vt, stride_vd, alpha, score_scale, log2_phase_scale,
     AMP: tl.constexpr, PHASE: tl.constexpr, AMP_PAD: tl.constexpr, PHASE_PAD: tl.constexpr,
-    HEAD_DIM: tl.constexpr, PHASE_QUADRATIC: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-    FAST_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, PHASE_QUADRATIC: tl.constexpr, MASKED: tl.constexpr, CONTIGUOUS: tl.constexpr,
+    CAUSAL: tl.constexpr, FAST_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One key tile of the online softmax. MASKED=False: every key of the tile is visible to every
     query (unmasked_tile_end), so no causal compare and no -inf per score. score_scale turns
@@ -45,8 +45,8 @@ def attend_key_tile(
         k_ptr, k_start, offs_n, k_len, stride_kt, stride_kd, AMP, PHASE, AMP_PAD, PHASE_PAD, PHASE_QUADRATIC
     )
     amp, dist, angle = score_parts(
-        q_amp, q_phase, k_amp, k_phase, q_pos, k_pos, alpha, log2_phase_scale, PHASE_QUADRATIC, DOT_PRECISION,
-        FAST_MATH,
+        q_amp, q_phase, k_amp, k_phase, q_pos, k_pos, alpha, log2_phase_scale, PHASE_QUADRATIC, CONTIGUOUS,
+        DOT_PRECISION, FAST_MATH,
     )
     # The running max is of the unscaled scores amp * cos; the scale (> 0, so it commutes with the
     # max) enters in the exponent's FFMA: one multiply per score fewer than scaling every score.
@@ -66,9 +66,35 @@ def attend_key_tile(
 
 
 @triton.jit
+def attend_key_tiles(
+    row_max, row_sum, acc, q_amp, q_phase, q_pos, q_valid, k_ptr, v_ptr, k_pos_ptr, k_start, k_len, lo, mid, hi,
+    stride_kt, stride_kd, stride_vt, stride_vd, alpha, score_scale, log2_phase_scale,
+    AMP: tl.constexpr, PHASE: tl.constexpr, AMP_PAD: tl.constexpr, PHASE_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, PHASE_QUADRATIC: tl.constexpr, CONTIGUOUS: tl.constexpr, CAUSAL: tl.constexpr,
+    FAST_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """The key tiles [lo, hi): every query sees the ones before mid, with no mask; the rest masked."""
+    for start_n in range(lo, mid, BLOCK_N):
+        row_max, row_sum, acc = attend_key_tile(
+            row_max, row_sum, acc, q_amp, q_phase, q_pos, q_valid, k_ptr, v_ptr, k_pos_ptr, k_start, k_len, start_n,
+            stride_kt, stride_kd, stride_vt, stride_vd, alpha, score_scale, log2_phase_scale,
+            AMP, PHASE, AMP_PAD, PHASE_PAD, HEAD_DIM, PHASE_QUADRATIC, False, CONTIGUOUS, CAUSAL, FAST_MATH,
+            DOT_PRECISION, BLOCK_N,
+        )
+    for start_n in range(mid, hi, BLOCK_N):
+        row_max, row_sum, acc = attend_key_tile(
+            row_max, row_sum, acc, q_amp, q_phase, q_pos, q_valid, k_ptr, v_ptr, k_pos_ptr, k_start, k_len, start_n,
+            stride_kt, stride_kd, stride_vt, stride_vd, alpha, score_scale, log2_phase_scale,
+            AMP, PHASE, AMP_PAD, PHASE_PAD, HEAD_DIM, PHASE_QUADRATIC, True, CONTIGUOUS, CAUSAL, FAST_MATH,
+            DOT_PRECISION, BLOCK_N,
+        )
+    return row_max, row_sum, acc
+
+
+@triton.jit
 def _tapa_fwd_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
-    cu_seqlens_q, cu_seqlens_k, q_pos_ptr, k_pos_ptr,
+    cu_seqlens_q, cu_seqlens_k, q_pos_ptr, k_pos_ptr, contiguous_ptr,
     stride_qt, stride_qh, stride_qd,
     stride_kt, stride_kh, stride_kd,
     stride_vt, stride_vh, stride_vd,
@@ -77,7 +103,7 @@ def _tapa_fwd_kernel(
     alpha, amp_scale, log2_phase_scale, group,
     AMP: tl.constexpr, PHASE: tl.constexpr, AMP_PAD: tl.constexpr, PHASE_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, PHASE_QUADRATIC: tl.constexpr, CAUSAL: tl.constexpr,
-    FAST_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    FAST_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr, DIAGONAL_POWER: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SCAN_TILES: tl.constexpr,
 ):
     block_m = tl.program_id(0)
@@ -108,17 +134,20 @@ def _tapa_fwd_kernel(
     lo, hi = visible_tile_range(k_pos_ptr, k_start, k_len, tl.max(q_pos, 0), BLOCK_N, SCAN_TILES, True, CAUSAL)
     # Key tiles every query sees first, with no mask; then the diagonal / partial ones, masked.
     mid = unmasked_tile_end(k_pos_ptr, k_start, k_len, lo, hi, tl.min(q_pos, 0), BLOCK_N, SCAN_TILES, CAUSAL)
-    for start_n in range(lo, mid, BLOCK_N):
-        row_max, row_sum, acc = attend_key_tile(
-            row_max, row_sum, acc, q_amp, q_phase, q_pos, q_valid, k_ptr, v_ptr, k_pos_ptr, k_start, k_len, start_n,
-            stride_kt, stride_kd, stride_vt, stride_vd, alpha, score_scale, log2_phase_scale,
-            AMP, PHASE, AMP_PAD, PHASE_PAD, HEAD_DIM, PHASE_QUADRATIC, False, CAUSAL, FAST_MATH, DOT_PRECISION, BLOCK_N,
-        )
-    for start_n in range(mid, hi, BLOCK_N):
-        row_max, row_sum, acc = attend_key_tile(
-            row_max, row_sum, acc, q_amp, q_phase, q_pos, q_valid, k_ptr, v_ptr, k_pos_ptr, k_start, k_len, start_n,
+    # Documents whose query and key positions both count up by one (contiguous_documents) take the
+    # power once per tile diagonal; the others per score.
+    contiguous = tl.load(contiguous_ptr + doc) != 0 if DIAGONAL_POWER else False
+    if contiguous:
+        row_max, row_sum, acc = attend_key_tiles(
+            row_max, row_sum, acc, q_amp, q_phase, q_pos, q_valid, k_ptr, v_ptr, k_pos_ptr, k_start, k_len, lo, mid, hi,
             stride_kt, stride_kd, stride_vt, stride_vd, alpha, score_scale, log2_phase_scale,
             AMP, PHASE, AMP_PAD, PHASE_PAD, HEAD_DIM, PHASE_QUADRATIC, True, CAUSAL, FAST_MATH, DOT_PRECISION, BLOCK_N,
+        )
+    else:
+        row_max, row_sum, acc = attend_key_tiles(
+            row_max, row_sum, acc, q_amp, q_phase, q_pos, q_valid, k_ptr, v_ptr, k_pos_ptr, k_start, k_len, lo, mid, hi,
+            stride_kt, stride_kd, stride_vt, stride_vd, alpha, score_scale, log2_phase_scale,
+            AMP, PHASE, AMP_PAD, PHASE_PAD, HEAD_DIM, PHASE_QUADRATIC, False, CAUSAL, FAST_MATH, DOT_PRECISION, BLOCK_N,
         )
 
     has_key = row_sum > 0
@@ -174,12 +203,29 @@ def kernel_constexprs(dtype, head_dim, amp_dim, phase, causal, *, fast_math):
         # The phase amplifies dot-product error: fp32 inputs need exact fp32 products, not tf32.
         # (The precision setting only affects fp32 operands; for fp16 / bf16 the default is kept.)
         DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+        # |m - n|^alpha once per tile diagonal for contiguous documents (diagonal_distance_power); not
+        # for fp32 on the GPU, whose CUDA-core products hold their operands in registers: the gathered
+        # tile made those kernels spill (more). The interpreter runs it for every dtype.
+        DIAGONAL_POWER=not (fast_math and dtype == torch.float32),
     )
 
 
 def kernel_scalars(alpha, amp_dim, head_dim):
     """The kernels' float arguments: alpha, 1/sqrt(A) and log2 of the phase's 1/sqrt(P)."""
     return dict(alpha=float(alpha), amp_scale=1.0 / math.sqrt(amp_dim), log2_phase_scale=-0.5 * math.log2(head_dim - amp_dim))
+
+
+def contiguous_documents(cu_seqlens_q, cu_seqlens_k, q_pos, k_pos):
+    """int8 (n_docs,): 1 where the document's query positions and its key positions each count up
+    by one (the kernels then take |m - n|^alpha once per tile diagonal). On the device, no sync."""
+    def steps_by_one(pos, cu_seqlens):
+        broken = torch.zeros(pos.numel() + 1, dtype=torch.int32, device=pos.device)
+        broken[1:pos.numel()] = (pos[1:] - pos[:-1] != 1).int()  # broken[t]: token t does not follow t - 1
+        counts = broken.cumsum(0)
+        start, end = cu_seqlens[:-1].long(), cu_seqlens[1:].long()
+        return counts[torch.maximum(end - 1, start)] == counts[start]  # no break in (start, end)
+
+    return (steps_by_one(q_pos, cu_seqlens_q) & steps_by_one(k_pos, cu_seqlens_k)).to(torch.int8)
 
 
 def mma_warps(tile_rows):
@@ -222,9 +268,10 @@ def tapa_fwd(
         return out, lse.fill_(float("-inf"))
     config = fwd_config(q.dtype, head_dim, interpreting(q))
     grid = (triton.cdiv(max_seqlen_q, config["BLOCK_M"]), n_docs, heads_q)
+    q_pos, k_pos = q_pos.long().contiguous(), k_pos.long().contiguous()
+    contiguous = contiguous_documents(cu_seqlens_q, cu_seqlens_k, q_pos, k_pos)
     _tapa_fwd_kernel[grid](
-        q, k, v, out, lse,
-        cu_seqlens_q.int(), cu_seqlens_k.int(), q_pos.long().contiguous(), k_pos.long().contiguous(),
+        q, k, v, out, lse, cu_seqlens_q.int(), cu_seqlens_k.int(), q_pos, k_pos, contiguous,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), lse.stride(0),
         **kernel_scalars(alpha, amp_dim, head_dim), group=heads_q // k.shape[1],
         **options, **config,

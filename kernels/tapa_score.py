@@ -102,6 +102,19 @@ def visible_tile_range(
 
 
 @triton.jit
+def scanned_tiles(pos_ptr, start, length, first, TILE: tl.constexpr, SCAN_TILES: tl.constexpr, LARGEST: tl.constexpr):
+    """One step of the tile scans below: the first token of each of SCAN_TILES tiles from token
+    `first`, and each tile's largest (LARGEST) or smallest position."""
+    pos = load_positions(pos_ptr, start, first + tl.arange(0, SCAN_TILES * TILE), length)
+    pos = tl.reshape(pos, (SCAN_TILES, TILE))
+    if LARGEST:
+        bound = tl.max(pos, 1)
+    else:
+        bound = tl.min(pos, 1)
+    return first + tl.arange(0, SCAN_TILES) * TILE, bound
+
+
+@triton.jit
 def unmasked_tile_end(
     pos_ptr, start, length, lo, hi, bound,
     TILE: tl.constexpr, SCAN_TILES: tl.constexpr, CAUSAL: tl.constexpr,
@@ -112,11 +125,9 @@ def unmasked_tile_end(
     last tile, and with unsorted positions anything after the first partly hidden one) are masked."""
     end = hi
     if CAUSAL:
-        offs = tl.arange(0, SCAN_TILES * TILE)
         for first in range(lo, hi, SCAN_TILES * TILE):
-            pos = load_positions(pos_ptr, start, first + offs, length)
-            tiles = first + tl.arange(0, SCAN_TILES) * TILE
-            whole = (tiles + TILE <= length) & (tl.max(tl.reshape(pos, (SCAN_TILES, TILE)), 1) <= bound)
+            tiles, largest = scanned_tiles(pos_ptr, start, length, first, TILE, SCAN_TILES, True)
+            whole = (tiles + TILE <= length) & (largest <= bound)
             end = tl.minimum(end, tl.min(tl.where(~whole & (tiles < hi), tiles, hi), 0))
     else:
         end = tl.minimum(hi, (length // TILE) * TILE)
@@ -135,11 +146,9 @@ def hidden_tile_end(
     Queries past the document need no mask: their dO, lse and delta read 0, so they add nothing."""
     end = lo
     if CAUSAL:
-        offs = tl.arange(0, SCAN_TILES * TILE)
         for first in range(lo, hi, SCAN_TILES * TILE):
-            pos = load_positions(pos_ptr, start, first + offs, length)
-            tiles = first + tl.arange(0, SCAN_TILES) * TILE
-            hidden = (tl.min(tl.reshape(pos, (SCAN_TILES, TILE)), 1) < bound) & (tiles < hi)
+            tiles, smallest = scanned_tiles(pos_ptr, start, length, first, TILE, SCAN_TILES, False)
+            hidden = (smallest < bound) & (tiles < hi)
             end = tl.maximum(end, tl.max(tl.where(hidden, tiles + TILE, lo), 0))
     return end
 
@@ -186,6 +195,26 @@ def distance_power(row_pos, col_pos, alpha, log2_scale, FAST_MATH: tl.constexpr)
     else:  # numpy warns on log2(0)
         dist = tl.where(d > 0, tl.exp2(alpha * approx_log2(tl.maximum(d, 1.0), FAST_MATH) + log2_scale), 0.0)
     return dist
+
+
+@triton.jit
+def diagonal_distance_power(row_pos, col_pos, alpha, log2_scale, FAST_MATH: tl.constexpr):
+    """distance_power for tiles of contiguous positions (row i at r0 + i, col j at c0 + j; rows or
+    cols past the document count on from there): |m - n| = |r0 - c0 + i - j| is constant along
+    each of the R + C - 1 diagonals, so the power is computed once per diagonal and gathered into
+    the tile, instead of two MUFU ops per score. r0 - c0 is rounded to fp32 as distance_power's d."""
+    R: tl.constexpr = row_pos.shape[0]
+    C: tl.constexpr = col_pos.shape[0]
+    DIAGONALS: tl.constexpr = 2 * R if R >= C else 2 * C  # a power of two >= R + C - 1
+    offset = (tl.min(row_pos, 0) - tl.min(col_pos, 0)).to(tl.float32) - (C - 1)
+    d = tl.abs(offset + tl.arange(0, DIAGONALS).to(tl.float32))  # diagonal k: i - j = k - (C - 1)
+    if FAST_MATH:
+        per_diagonal = tl.exp2(alpha * approx_log2(d, FAST_MATH) + log2_scale)
+    else:
+        per_diagonal = tl.where(d > 0, tl.exp2(alpha * approx_log2(tl.maximum(d, 1.0), FAST_MATH) + log2_scale), 0.0)
+    diagonal = tl.arange(0, R)[:, None] - tl.arange(0, C)[None, :] + (C - 1)
+    # A 1-D gather (a 2-D one would broadcast the vector into an (R, DIAGONALS) tile first).
+    return tl.reshape(tl.gather(per_diagonal, tl.reshape(diagonal, (R * C,)), 0), (R, C))
 
 
 @triton.jit
@@ -238,13 +267,23 @@ def sin_radians(angle, FAST_MATH: tl.constexpr):
 @triton.jit
 def score_parts(
     row_amp, row_phase, col_amp, col_phase, row_pos, col_pos, alpha, log2_phase_scale,
-    PHASE_QUADRATIC: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
+    PHASE_QUADRATIC: tl.constexpr, CONTIGUOUS: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
 ):
     """The parts of a score tile, unscaled where a scale can go elsewhere: the amplitude product
     row_A . col_A (s = amp_scale * amp * cos(angle)), dist = |m - n|^alpha / sqrt(P) and the phase
     angle 2 pi dist (row_P . col_P). Callers fold amp_scale into what they do next (one multiply
-    per score fewer); the phase scale rides in dist's exponent."""
+    per score fewer); the phase scale rides in dist's exponent. CONTIGUOUS: both tiles' positions
+    are contiguous (diagonal_distance_power)."""
     amp = tl.dot(row_amp, tl.trans(col_amp), input_precision=DOT_PRECISION)
-    dist = distance_power(row_pos, col_pos, alpha, log2_phase_scale, FAST_MATH)
+    if CONTIGUOUS:
+        dist = diagonal_distance_power(row_pos, col_pos, alpha, log2_phase_scale, FAST_MATH)
+    else:
+        dist = distance_power(row_pos, col_pos, alpha, log2_phase_scale, FAST_MATH)
     phi = phase_product(row_phase, col_phase, PHASE_QUADRATIC, DOT_PRECISION)
+    if not PHASE_QUADRATIC:
+        # The linear phi broadcasts (rows,) sums of loads, so Triton would lay the power, angle,
+        # cos and sin out like the loads and convert them to the dot's layout every tile (through
+        # shared memory), recomputing the power in both. Adding 0 * amp (one FFMA) anchors phi in
+        # the dot's layout, as the quadratic phi's own dot does. Exact for finite amp.
+        phi = phi + amp * 0.0
     return amp, dist, turns_to_radians(dist * phi, FAST_MATH)

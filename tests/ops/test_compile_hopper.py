@@ -52,15 +52,15 @@ def test_kernels_compile_for_sm90_with_fast_trig_and_pipelined_loads():
         assert row["cos_approx"], f"{where}: FAST_MATH did not reach the PTX (cos.approx)"
         if kernel in ("dkdv", "dq"):
             assert row["sin_approx"], f"{where}: FAST_MATH did not reach the PTX (sin.approx)"
-        assert row["async_copies"] > 0, f"{where}: loads are not pipelined (no cp.async)"
+        if row["num_stages"] > 1:  # num_stages 1 (dK/dV at D = 128: registers) asks for no pipelining
+            assert row["async_copies"] > 0, f"{where}: loads are not pipelined (no cp.async)"
 
 
-# The gate on one representative configuration: bf16, D = 64, quadratic phase (the forward and both
-# backward kernels, and the flash baseline on the same tiles); about 10 s on 2 cores.
-CHECK_SUBSET = ["--dtype", "bf16", "--head-dim", "64", "--theta", "0.5", "--phase", "quadratic", "--causal", "yes"]
+# The gate on the report's configurations (docs/benchmarks.md): bf16, D = 64 and 128, theta 0.5, both
+# phases, causal; the forward and both backward kernels, and the flash baseline on the same tiles.
+CHECK_SUBSET = ["--dtype", "bf16", "--head-dim", "64", "128", "--theta", "0.5", "--causal", "yes"]
 
 
-@pytest.mark.xfail(strict=True, reason="dK/dV still spills (docs/benchmarks.md); strict: passes once it does not")
 def test_check_gate_no_spills_serialized_wgmma_or_duplicated_warps():
     if reason := missing_ptxas():
         pytest.skip(f"Triton's bundled ptxas is missing, nothing can be assembled for sm_90 ({reason})")

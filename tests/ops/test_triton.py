@@ -14,7 +14,8 @@ import triton
 import triton.language as tl
 
 from tapa_kernels import tapa_fwd
-from tapa_kernels.tapa_score import distance_power
+from tapa_kernels.tapa_fwd import contiguous_documents
+from tapa_kernels.tapa_score import diagonal_distance_power, distance_power
 from tapa_megatron.ops import amplitude_dim, tapa_attention, tapa_attention_varlen
 from tapa_megatron.ops.reference import tapa_attention_reference
 from tapa_megatron.ops.triton import tapa_attention_triton, tapa_attention_varlen_triton
@@ -267,6 +268,48 @@ def test_distance_power_matches_exact_power(alpha):
         _distance_power_kernel[(1,)](rows.to(DEVICE), cols.to(DEVICE), out, alpha, -2.5, ROWS=32, COLS=32)
         exact = (rows[:, None] - cols[None, :]).abs().double() ** alpha / 32**0.5
         torch.testing.assert_close(out.cpu().double(), exact, atol=0, rtol=4e-6)
+
+
+@triton.jit
+def _diagonal_distance_power_kernel(row_ptr, col_ptr, out_ptr, alpha, log2_scale, ROWS: tl.constexpr,
+                                    COLS: tl.constexpr):
+    rows, cols = tl.arange(0, ROWS), tl.arange(0, COLS)
+    dist = diagonal_distance_power(tl.load(row_ptr + rows), tl.load(col_ptr + cols), alpha, log2_scale,
+                                   FAST_MATH=False)
+    tl.store(out_ptr + rows[:, None] * COLS + cols[None, :], dist)
+
+
+@pytest.mark.parametrize("rows,cols", [(32, 16), (16, 32), (32, 32)])
+def test_diagonal_distance_power_matches_exact_power(rows, cols):
+    """The once-per-diagonal power on contiguous tiles far after, far before, across and near the
+    diagonal: as distance_power's tolerance against |m - n|^alpha / sqrt(32) in float64, exactly 0 on it."""
+    for row_start, col_start in [(FAR, 0), (3000, FAR), (FAR, FAR), (FAR + 5, FAR), (FAR, FAR + 20)]:
+        row_pos, col_pos = row_start + torch.arange(rows), col_start + torch.arange(cols)
+        out = torch.empty(rows, cols, device=DEVICE)
+        _diagonal_distance_power_kernel[(1,)](row_pos.to(DEVICE), col_pos.to(DEVICE), out, 0.5, -2.5,
+                                              ROWS=rows, COLS=cols)
+        exact = (row_pos[:, None] - col_pos[None, :]).abs().double() ** 0.5 / 32**0.5
+        torch.testing.assert_close(out.cpu().double(), exact, atol=0, rtol=4e-6)
+
+
+def test_contiguous_documents_flags_documents_whose_positions_count_up_by_one():
+    """Against a per-document loop: empty and one-token documents count as contiguous, an offset
+    start is fine, a repeated or skipped position on either side is not."""
+    lengths = [0, 1, 5, 7, 0, 3, 9, 2]
+    cu = torch.tensor([0] + lengths).cumsum(0).int()
+    q_pos = torch.cat([100 * i + torch.arange(n) for i, n in enumerate(lengths)])
+    k_pos = q_pos.clone()
+    q_pos[cu[3] + 2] += 1  # document 3: a skipped position
+    k_pos[cu[5] + 1] -= 1  # document 5: a repeated one
+    k_pos[cu[6]:cu[7]] = k_pos[cu[6]:cu[7]].flip(0)  # document 6: counting down
+    flags = contiguous_documents(cu, cu, q_pos, k_pos)
+
+    def counts_up(pos):
+        return all(int(b) - int(a) == 1 for a, b in zip(pos[:-1], pos[1:]))
+
+    expected = [counts_up(q_pos[cu[i]:cu[i + 1]]) and counts_up(k_pos[cu[i]:cu[i + 1]]) for i in range(len(lengths))]
+    assert flags.tolist() == [int(e) for e in expected]
+    assert expected.count(False) == 3
 
 
 def test_public_api_dispatches_to_the_kernels():
