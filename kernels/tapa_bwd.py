@@ -29,6 +29,7 @@ from tapa_kernels.tapa_score import (
     load_rows,
     load_split_rows,
     score_parts,
+    store_part,
     sin_radians,
     store_rows,
     store_split_rows,
@@ -56,10 +57,36 @@ def score_grads(probs, dprobs, delta, amp, dist, angle, cos, FAST_MATH: tl.const
 
 
 @triton.jit
-def accumulate_phase_grad(acc, d_phi, other_phase, PHASE_QUADRATIC: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def accumulate_part(acc, grad, other_part, PAIR: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc += grad . other_part: the gradient wrt the rows' part of a product row_part . other_part
+    (parts and accumulators laid out as load_part's)."""
+    if PAIR:
+        acc = (
+            tl.dot(grad.to(other_part[0].dtype), other_part[0], acc[0], input_precision=DOT_PRECISION),
+            tl.dot(grad.to(other_part[1].dtype), other_part[1], acc[1], input_precision=DOT_PRECISION),
+        )
+    else:
+        acc = tl.dot(grad.to(other_part.dtype), other_part, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def part_zeros(part, PAIR: tl.constexpr):
+    """fp32 zeros shaped like a part (load_part), for its gradient's accumulator."""
+    if PAIR:
+        zeros = (tl.zeros(part[0].shape, tl.float32), tl.zeros(part[1].shape, tl.float32))
+    else:
+        zeros = tl.zeros(part.shape, tl.float32)
+    return zeros
+
+
+@triton.jit
+def accumulate_phase_grad(
+    acc, d_phi, other_phase, PHASE_QUADRATIC: tl.constexpr, DOT_PRECISION: tl.constexpr, PHASE_PAIR: tl.constexpr = False,
+):
     """acc += the tile's gradient wrt the rows' phase part (without the 1/sqrt(P) scale)."""
     if PHASE_QUADRATIC:  # phi = own . other
-        acc = tl.dot(d_phi.to(other_phase.dtype), other_phase, acc, input_precision=DOT_PRECISION)
+        acc = accumulate_part(acc, d_phi, other_phase, PHASE_PAIR, DOT_PRECISION)
     else:  # phi = sum(own) + sum(other): a (rows,) vector, stored into every phase dim
         acc += tl.sum(d_phi, 1)
     return acc
@@ -92,6 +119,7 @@ def dkdv_query_tile(
     AMP: tl.constexpr, PHASE: tl.constexpr, AMP_PAD: tl.constexpr, PHASE_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, PHASE_QUADRATIC: tl.constexpr, MASKED: tl.constexpr, CONTIGUOUS: tl.constexpr,
     CAUSAL: tl.constexpr, FAST_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+    AMP_PAIR: tl.constexpr, PHASE_PAIR: tl.constexpr,
 ):
     """One query tile's contribution to a key tile's dK, dV (tiles are keys x queries). MASKED=False:
     every query of the tile sees every key (hidden_tile_end), so no causal compare per score."""
@@ -99,14 +127,15 @@ def dkdv_query_tile(
     q_valid = offs_m < q_len
     q_pos = load_positions(q_pos_ptr, q_start, offs_m, q_len)
     q_amp, q_phase = load_split_rows(
-        q_ptr, q_start, offs_m, q_len, stride_qt, stride_qd, AMP, PHASE, AMP_PAD, PHASE_PAD, PHASE_QUADRATIC
+        q_ptr, q_start, offs_m, q_len, stride_qt, stride_qd, AMP, PHASE, AMP_PAD, PHASE_PAD, PHASE_QUADRATIC,
+        AMP_PAIR, PHASE_PAIR,
     )
     do = load_rows(do_ptr, q_start, offs_m, q_len, stride_dot, stride_dod, tl.arange(0, HEAD_DIM), HEAD_DIM)
     lse = tl.load(lse_ptr + offs_m, mask=q_valid, other=0.0) * LOG2E
     delta = tl.load(delta_ptr + offs_m, mask=q_valid, other=0.0)
     amp, dist, angle = score_parts(
         k_amp, k_phase, q_amp, q_phase, k_pos, q_pos, alpha, log2_phase_scale, PHASE_QUADRATIC, CONTIGUOUS,
-        DOT_PRECISION, FAST_MATH,
+        DOT_PRECISION, FAST_MATH, AMP_PAIR, PHASE_PAIR,
     )
     amp *= amp_scale * LOG2E
     visible = is_visible(q_pos[None, :], k_pos[:, None], q_valid[None, :], k_valid[:, None], CAUSAL)
@@ -114,8 +143,8 @@ def dkdv_query_tile(
     dv = tl.dot(probs.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
     dprobs = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
     d_amp, d_phi = score_grads(probs, dprobs, delta[None, :], amp, dist, angle, cos, FAST_MATH)
-    dk_amp = tl.dot(d_amp.to(q_amp.dtype), q_amp, dk_amp, input_precision=DOT_PRECISION)
-    dk_phase = accumulate_phase_grad(dk_phase, d_phi, q_phase, PHASE_QUADRATIC, DOT_PRECISION)
+    dk_amp = accumulate_part(dk_amp, d_amp, q_amp, AMP_PAIR, DOT_PRECISION)
+    dk_phase = accumulate_phase_grad(dk_phase, d_phi, q_phase, PHASE_QUADRATIC, DOT_PRECISION, PHASE_PAIR)
     return dk_amp, dk_phase, dv
 
 
@@ -157,6 +186,7 @@ def dkdv_query_tiles(
     AMP: tl.constexpr, PHASE: tl.constexpr, AMP_PAD: tl.constexpr, PHASE_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, PHASE_QUADRATIC: tl.constexpr, CONTIGUOUS: tl.constexpr, CAUSAL: tl.constexpr,
     FAST_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+    AMP_PAIR: tl.constexpr, PHASE_PAIR: tl.constexpr,
 ):
     """The query tiles [lo, hi) of every query head of the group: masked before mid, then unmasked."""
     for head in range(kv_head * group, (kv_head + 1) * group):
@@ -170,7 +200,7 @@ def dkdv_query_tiles(
                 lse_head_ptr, delta_head_ptr, q_pos_ptr, q_start, q_len, start_m,
                 stride_qt, stride_qd, stride_dot, stride_dod, alpha, amp_scale, log2_phase_scale,
                 AMP, PHASE, AMP_PAD, PHASE_PAD, HEAD_DIM, PHASE_QUADRATIC, True, CONTIGUOUS, CAUSAL, FAST_MATH,
-                DOT_PRECISION, BLOCK_M,
+                DOT_PRECISION, BLOCK_M, AMP_PAIR, PHASE_PAIR,
             )
         for start_m in range(mid, hi, BLOCK_M):
             dk_amp, dk_phase, dv = dkdv_query_tile(
@@ -178,7 +208,7 @@ def dkdv_query_tiles(
                 lse_head_ptr, delta_head_ptr, q_pos_ptr, q_start, q_len, start_m,
                 stride_qt, stride_qd, stride_dot, stride_dod, alpha, amp_scale, log2_phase_scale,
                 AMP, PHASE, AMP_PAD, PHASE_PAD, HEAD_DIM, PHASE_QUADRATIC, False, CONTIGUOUS, CAUSAL, FAST_MATH,
-                DOT_PRECISION, BLOCK_M,
+                DOT_PRECISION, BLOCK_M, AMP_PAIR, PHASE_PAIR,
             )
     return dk_amp, dk_phase, dv
 
@@ -256,16 +286,22 @@ def _tapa_bwd_dkdv_kernel(
 
     offs_n = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, HEAD_DIM)
+    # At D = 128 a part that is not a power of two (theta 0.25 / 0.75: 96 dims) is a pair of tiles
+    # (load_part): padded to 128, dK's accumulators would hold 160 dims of a 128-dim row and spill
+    # (quadratic 156/220 B, linear theta 0.75 20 B). At D = 64 the padded tiles take fewer
+    # instructions per score than the extra products (41.8 against 43.1 quadratic) and fit.
+    AMP_PAIR: tl.constexpr = HEAD_DIM > 64 and AMP < AMP_PAD
+    PHASE_PAIR: tl.constexpr = HEAD_DIM > 64 and PHASE_QUADRATIC and PHASE < PHASE_PAD
     k_amp, k_phase = load_split_rows(
         k_ptr + kv_head * stride_kh, k_start, offs_n, k_len, stride_kt, stride_kd,
-        AMP, PHASE, AMP_PAD, PHASE_PAD, PHASE_QUADRATIC,
+        AMP, PHASE, AMP_PAD, PHASE_PAD, PHASE_QUADRATIC, AMP_PAIR, PHASE_PAIR,
     )
     v = load_rows(v_ptr + kv_head * stride_vh, k_start, offs_n, k_len, stride_vt, stride_vd, dims, HEAD_DIM)
     k_pos = load_positions(k_pos_ptr, k_start, offs_n, k_len)
 
     # Tiles are keys x queries here: rows are keys, so the grads come out without transposes.
-    dk_amp = tl.zeros((BLOCK_N, AMP_PAD), tl.float32)
-    dk_phase = tl.zeros(k_phase.shape, tl.float32)
+    dk_amp = part_zeros(k_amp, AMP_PAIR)
+    dk_phase = part_zeros(k_phase, PHASE_PAIR)
     dv = tl.zeros((BLOCK_N, HEAD_DIM), tl.float32)
     # Query tiles that can see this key tile: the same for every query head of the group.
     lo, hi = visible_tile_range(q_pos_ptr, q_start, q_len, tl.min(k_pos, 0), BLOCK_M, SCAN_TILES, False, CAUSAL)
@@ -281,6 +317,7 @@ def _tapa_bwd_dkdv_kernel(
             q_pos_ptr, q_start, q_len, kv_head, group, total_q, lo, mid, hi, stride_qh, stride_doh,
             stride_qt, stride_qd, stride_dot, stride_dod, alpha, amp_scale, log2_phase_scale,
             AMP, PHASE, AMP_PAD, PHASE_PAD, HEAD_DIM, PHASE_QUADRATIC, True, CAUSAL, FAST_MATH, DOT_PRECISION, BLOCK_M,
+            AMP_PAIR, PHASE_PAIR,
         )
     else:
         dk_amp, dk_phase, dv = dkdv_query_tiles(
@@ -288,11 +325,14 @@ def _tapa_bwd_dkdv_kernel(
             q_pos_ptr, q_start, q_len, kv_head, group, total_q, lo, mid, hi, stride_qh, stride_doh,
             stride_qt, stride_qd, stride_dot, stride_dod, alpha, amp_scale, log2_phase_scale,
             AMP, PHASE, AMP_PAD, PHASE_PAD, HEAD_DIM, PHASE_QUADRATIC, False, CAUSAL, FAST_MATH, DOT_PRECISION, BLOCK_M,
+            AMP_PAIR, PHASE_PAIR,
         )
 
-    store_split_rows(
-        dk_ptr + kv_head * stride_dkh, dk_amp * amp_scale, phase_grad_rows(dk_phase * PHASE_GRAD_SCALE, PHASE_QUADRATIC),
-        k_start, offs_n, k_len, stride_dkt, stride_dkd, AMP, PHASE, AMP_PAD, PHASE_PAD,
+    dk_ptr += kv_head * stride_dkh
+    store_part(dk_ptr, dk_amp, amp_scale, k_start, offs_n, k_len, stride_dkt, stride_dkd, AMP, AMP_PAD, AMP_PAIR)
+    store_part(
+        dk_ptr + AMP * stride_dkd, phase_grad_rows(dk_phase, PHASE_QUADRATIC), PHASE_GRAD_SCALE,
+        k_start, offs_n, k_len, stride_dkt, stride_dkd, PHASE, PHASE_PAD, PHASE_PAIR,
     )
     store_rows(dv_ptr + kv_head * stride_dvh, dv, k_start, offs_n, k_len, stride_dvt, stride_dvd, dims, HEAD_DIM)
 
@@ -371,9 +411,11 @@ def dkdv_config(dtype, head_dim, amp_dim, interpreted):
     """Launch options of the dK/dV kernel (BLOCK_M: queries per step, BLOCK_N: keys per program).
     Chosen like the forward's: not autotuned, the tiles with the fewest instructions per score of
     those that compile for sm_90 without spills (scripts/compile_kernels.py --check). Each key row
-    accumulates dK (padded_width fp32) and dV (head_dim): at D = 128 that is 128 registers a thread
-    of a 64-row warpgroup before any score, so only 16 queries a step and no second pipeline stage
-    fit. fp32 products run exactly on CUDA cores and hold more registers: smaller tiles."""
+    accumulates dK (head_dim fp32 at D = 128, where a 96-dim part is a pair of tiles; padded_width at
+    D = 64) and dV (head_dim): at D = 128 that is 128 registers a thread of a 64-row warpgroup before
+    any score, so only 16 queries a step and no second pipeline stage fit (quadratic theta 0.25 /
+    0.75 still spill 36 B, outside the loops). fp32 products run exactly on CUDA cores and hold more
+    registers: smaller tiles."""
     if interpreted:
         return dict(BLOCK_M=32, BLOCK_N=32, SCAN_TILES=4)
     if dtype == torch.float32:

@@ -36,17 +36,65 @@ def load_rows(ptr, start, offs, length, stride_t, stride_d, dims, NUM_DIMS: tl.c
 def load_split_rows(
     ptr, start, offs, length, stride_t, stride_d,
     AMP: tl.constexpr, PHASE: tl.constexpr, AMP_PAD: tl.constexpr, PHASE_PAD: tl.constexpr,
-    PHASE_QUADRATIC: tl.constexpr,
+    PHASE_QUADRATIC: tl.constexpr, AMP_PAIR: tl.constexpr = False, PHASE_PAIR: tl.constexpr = False,
 ):
     """Amplitude (first AMP dims) and phase (last PHASE dims) parts of a tile, each padded to a
-    power of two. The linear phase only needs sum(x_P): its phase part is that (rows,) vector, which
-    broadcasts into the score tile like the positions do (a (rows, 1) tile and its transpose put the
-    whole phase tile in a blocked layout, converted to the mma one through shared memory)."""
-    amp = load_rows(ptr, start, offs, length, stride_t, stride_d, tl.arange(0, AMP_PAD), AMP)
-    phase = load_rows(ptr + AMP * stride_d, start, offs, length, stride_t, stride_d, tl.arange(0, PHASE_PAD), PHASE)
+    power of two or, with AMP_PAIR / PHASE_PAIR, a pair of tiles (load_part). The linear phase only
+    needs sum(x_P): its phase part is that (rows,) vector, which broadcasts into the score tile like
+    the positions do (a (rows, 1) tile and its transpose put the whole phase tile in a blocked
+    layout, converted to the mma one through shared memory)."""
+    amp = load_part(ptr, start, offs, length, stride_t, stride_d, AMP, AMP_PAD, AMP_PAIR)
+    phase = load_part(ptr + AMP * stride_d, start, offs, length, stride_t, stride_d, PHASE, PHASE_PAD, PHASE_PAIR)
     if not PHASE_QUADRATIC:
         phase = tl.sum(phase.to(tl.float32), 1)
     return amp, phase
+
+
+@triton.jit
+def load_part(ptr, start, offs, length, stride_t, stride_d, WIDTH: tl.constexpr, PAD: tl.constexpr,
+              PAIR: tl.constexpr):
+    """WIDTH dims of token rows from ptr on: one tile padded to PAD (a power of two), or with PAIR
+    (WIDTH < PAD: 96 of 128, 48 of 64) two tiles, the first PAD / 2 dims and the rest, so that
+    neither the products nor the accumulators of their gradients hold padded dims."""
+    if PAIR:
+        HI: tl.constexpr = PAD // 2
+        if WIDTH - HI <= PAD // 4:
+            LO_PAD: tl.constexpr = PAD // 4
+        else:
+            LO_PAD: tl.constexpr = HI
+        part = (
+            load_rows(ptr, start, offs, length, stride_t, stride_d, tl.arange(0, HI), HI),
+            load_rows(ptr + HI * stride_d, start, offs, length, stride_t, stride_d, tl.arange(0, LO_PAD), WIDTH - HI),
+        )
+    else:
+        part = load_rows(ptr, start, offs, length, stride_t, stride_d, tl.arange(0, PAD), WIDTH)
+    return part
+
+
+@triton.jit
+def part_product(row_part, col_part, PAIR: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """row_part . col_part over the part's dims, a (rows, cols) tile (parts from load_part)."""
+    if PAIR:
+        product = tl.dot(row_part[0], tl.trans(col_part[0]), input_precision=DOT_PRECISION)
+        product = tl.dot(row_part[1], tl.trans(col_part[1]), product, input_precision=DOT_PRECISION)
+    else:
+        product = tl.dot(row_part, tl.trans(col_part), input_precision=DOT_PRECISION)
+    return product
+
+
+@triton.jit
+def store_part(
+    ptr, value, scale, start, offs, length, stride_t, stride_d, WIDTH: tl.constexpr, PAD: tl.constexpr, PAIR: tl.constexpr,
+):
+    """Stores scale * value, a part laid out as load_part's (or one column for all its dims), into
+    WIDTH dims of token rows from ptr on."""
+    if PAIR:
+        HI: tl.constexpr = PAD // 2
+        store_rows(ptr, value[0] * scale, start, offs, length, stride_t, stride_d, tl.arange(0, HI), HI)
+        store_rows(ptr + HI * stride_d, value[1] * scale, start, offs, length, stride_t, stride_d,
+                   tl.arange(0, value[1].shape[1]), WIDTH - HI)
+    else:
+        store_rows(ptr, value * scale, start, offs, length, stride_t, stride_d, tl.arange(0, PAD), WIDTH)
 
 
 @triton.jit
@@ -218,10 +266,11 @@ def diagonal_distance_power(row_pos, col_pos, alpha, log2_scale, FAST_MATH: tl.c
 
 
 @triton.jit
-def phase_product(row_phase, col_phase, PHASE_QUADRATIC: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def phase_product(row_phase, col_phase, PHASE_QUADRATIC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                  PHASE_PAIR: tl.constexpr = False):
     """phi * sqrt(P) for a tile (linear phase: the parts are the (n,) sums from load_split_rows)."""
     if PHASE_QUADRATIC:
-        phi = tl.dot(row_phase, tl.trans(col_phase), input_precision=DOT_PRECISION)
+        phi = part_product(row_phase, col_phase, PHASE_PAIR, DOT_PRECISION)
     else:
         phi = row_phase[:, None] + col_phase[None, :]
     return phi
@@ -268,18 +317,19 @@ def sin_radians(angle, FAST_MATH: tl.constexpr):
 def score_parts(
     row_amp, row_phase, col_amp, col_phase, row_pos, col_pos, alpha, log2_phase_scale,
     PHASE_QUADRATIC: tl.constexpr, CONTIGUOUS: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_MATH: tl.constexpr,
+    AMP_PAIR: tl.constexpr = False, PHASE_PAIR: tl.constexpr = False,
 ):
     """The parts of a score tile, unscaled where a scale can go elsewhere: the amplitude product
     row_A . col_A (s = amp_scale * amp * cos(angle)), dist = |m - n|^alpha / sqrt(P) and the phase
     angle 2 pi dist (row_P . col_P). Callers fold amp_scale into what they do next (one multiply
     per score fewer); the phase scale rides in dist's exponent. CONTIGUOUS: both tiles' positions
-    are contiguous (diagonal_distance_power)."""
-    amp = tl.dot(row_amp, tl.trans(col_amp), input_precision=DOT_PRECISION)
+    are contiguous (diagonal_distance_power). AMP_PAIR / PHASE_PAIR: that part is a pair (load_part)."""
+    amp = part_product(row_amp, col_amp, AMP_PAIR, DOT_PRECISION)
     if CONTIGUOUS:
         dist = diagonal_distance_power(row_pos, col_pos, alpha, log2_phase_scale, FAST_MATH)
     else:
         dist = distance_power(row_pos, col_pos, alpha, log2_phase_scale, FAST_MATH)
-    phi = phase_product(row_phase, col_phase, PHASE_QUADRATIC, DOT_PRECISION)
+    phi = phase_product(row_phase, col_phase, PHASE_QUADRATIC, DOT_PRECISION, PHASE_PAIR)
     if not PHASE_QUADRATIC:
         # The linear phi broadcasts (rows,) sums of loads, so Triton would lay the power, angle,
         # cos and sin out like the loads and convert them to the dot's layout every tile (through
