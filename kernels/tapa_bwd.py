@@ -413,15 +413,18 @@ def dkdv_config(dtype, head_dim, amp_dim, interpreted):
     those that compile for sm_90 without spills (scripts/compile_kernels.py --check). Each key row
     accumulates dK (head_dim fp32 at D = 128, where a 96-dim part is a pair of tiles; padded_width at
     D = 64) and dV (head_dim): at D = 128 that is 128 registers a thread of a 64-row warpgroup before
-    any score, so only 16 queries a step and no second pipeline stage fit (quadratic theta 0.25 /
-    0.75 still spill 36 B, outside the loops). fp32 products run exactly on CUDA cores and hold more
+    any score, so only 16 queries a step fit, and a second pipeline stage only at theta 0.5 (quadratic
+    theta 0.25 / 0.75 still spill 36 B with one, outside the loops). fp32 products run exactly on CUDA cores and hold more
     registers: smaller tiles."""
     if interpreted:
         return dict(BLOCK_M=32, BLOCK_N=32, SCAN_TILES=4)
     if dtype == torch.float32:
         return dict(BLOCK_M=16, BLOCK_N=32, SCAN_TILES=64, num_warps=8, num_stages=2)
     if head_dim > 64:  # two warpgroups of 64 keys each
-        return dict(BLOCK_M=16, BLOCK_N=128, SCAN_TILES=64, num_warps=mma_warps(128), num_stages=1)
+        # Two stages where the parts fill their tiles (theta 0.5): one stage spilled 36 B with Triton
+        # 3.7. Where a 96-dim part is a pair of tiles, a second stage spills 60-108 B: one.
+        stages = 1 if padded_width(head_dim, amp_dim) > head_dim else 2
+        return dict(BLOCK_M=16, BLOCK_N=128, SCAN_TILES=64, num_warps=mma_warps(128), num_stages=stages)
     if padded_width(head_dim, amp_dim) > head_dim:
         return dict(BLOCK_M=16, BLOCK_N=64, SCAN_TILES=64, num_warps=mma_warps(64), num_stages=2)
     return dict(BLOCK_M=32, BLOCK_N=128, SCAN_TILES=64, num_warps=mma_warps(128), num_stages=2)  # 2 warpgroups
