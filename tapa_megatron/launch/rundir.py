@@ -57,5 +57,5 @@ def set_aside_config(run_dir):
 
 def describe(run_dir):
     """What a run in run_dir will do: start afresh, or resume from its newest complete checkpoint."""
-    latest = checkpoint_layout.latest_checkpoint(checkpoint_layout.checkpoint_root(run_dir), report=lambda _: None)
+    latest = checkpoint_layout.newest_in_run(run_dir)
     return "a new run" if latest is None else f"resumes from {latest.name}"

@@ -67,8 +67,8 @@ def run_status(run_dir, with_slurm=None, now=None):
         config = {}  # submitted, not started yet (or not a run of ours): say what else is there
     total = (config.get("training") or {}).get("steps")
     progress = read_progress(run_dir)
-    newest = checkpoint_layout.latest_checkpoint(checkpoint_layout.checkpoint_root(run_dir), report=lambda _: None)
-    checkpoint_step = int(newest.name.removeprefix("step_")) if newest is not None else None
+    newest = checkpoint_layout.newest_in_run(run_dir)
+    checkpoint_step = checkpoint_layout.step_of(newest)[0] if newest is not None else None
     step = max(progress["step"] if progress else 0, checkpoint_step or 0)
     status = dict(run_dir=str(run_dir), name=config.get("name") or run_dir.name, step=step, total_steps=total,
                   finished=bool(total) and checkpoint_step is not None and checkpoint_step >= total,

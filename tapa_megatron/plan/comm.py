@@ -34,6 +34,7 @@ LINKS = {"NVLink": 450e9, "InfiniBand": 50e9}
 # special-function units (about 3.9 T op/s on H100: 0.51 ps). Unless the two overlap perfectly (the
 # Triton kernels do not schedule for it) that bounds the kernel near 500 TFLOP/s; 300 is 60% of it.
 ATTENTION_FLOPS = 300e12
+MATMUL_EFFICIENCY = 0.7  # share of the dense peak that large bf16 GEMMs reach (assumed; plan.speed)
 BACKWARD_FLOPS_RATIO = 2.5  # FlashAttention's backward / forward FLOPs
 
 

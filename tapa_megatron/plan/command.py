@@ -15,8 +15,9 @@ import os
 import platform
 import re
 
+from tapa_megatron.plan.comm import ATTENTION_FLOPS, MATMUL_EFFICIENCY
+
 GIB = 2**30
-MATMUL_EFFICIENCY = 0.7  # plan.speed's default, repeated so that `tapa --help` imports no megatron-core
 REACH_MODELS = (("1b", 1), ("8b", 1), ("8b", 8))  # (preset, TP)
 REACH_CP = (1, 2, 4, 8, 16, 32, 64)
 OVERLAP_SEQ = (128 * 1024, 1024 * 1024)
@@ -54,9 +55,9 @@ def add_arguments(parser):
     parser.add_argument("--gpus-per-node", type=int, default=8)
     parser.add_argument("--reserve", type=float, default=0.1,
                         help="share of GPU memory kept for the CUDA context, NCCL and fragmentation (default 0.1)")
-    parser.add_argument("--attention-tflops", type=float, default=300.0,
-                        help="achieved TAPA kernel TFLOP/s for the overlap and step-time estimates (default 300, "
-                        "assumed)")
+    parser.add_argument("--attention-tflops", type=float, default=ATTENTION_FLOPS / 1e12,
+                        help="achieved TAPA kernel TFLOP/s for the overlap and step-time estimates "
+                        f"(default {ATTENTION_FLOPS / 1e12:g}, assumed)")
     parser.add_argument("--top", type=int, default=10, help="show the best N layouts (default 10)")
     parser.epilog = EXPOSED_COMM
     parser.add_argument("--excluded", action="store_true", help="also list the layouts that do not fit, and why")

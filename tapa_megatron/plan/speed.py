@@ -32,10 +32,8 @@ measure them; the estimate ranks layouts, it does not predict a run to the perce
 from dataclasses import dataclass
 
 from tapa_megatron.model.flops import layer_matmul_weights, training_flops_per_token
-from tapa_megatron.plan.comm import ATTENTION_FLOPS, BACKWARD_FLOPS_RATIO, LINKS, exposed_seconds
+from tapa_megatron.plan.comm import ATTENTION_FLOPS, BACKWARD_FLOPS_RATIO, LINKS, MATMUL_EFFICIENCY, exposed_seconds
 from tapa_megatron.plan.memory import FP32, padded_vocab, parameters_per_gpu
-
-MATMUL_EFFICIENCY = 0.7  # share of the dense peak that large bf16 GEMMs reach (assumed)
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,11 @@ def latest_checkpoint(root, report=print):
     return complete[-1] if complete else None
 
 
+def newest_in_run(run_dir):
+    """The newest complete checkpoint of a run directory (None if there is none), unverified, quietly."""
+    return latest_checkpoint(checkpoint_root(run_dir), report=lambda _: None)
+
+
 def resolve_checkpoint(path):
     """A checkpoint directory, or a run directory / checkpoints directory (then its newest complete one)."""
     path = Path(path)

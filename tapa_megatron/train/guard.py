@@ -37,8 +37,7 @@ class NonFiniteGuard:
             self.report(f"[guard] {what}: update skipped, {self.skipped} of at most {self.limit} this job "
                         "(training.skip_nonfinite_steps)")
             return
-        root = checkpoint_layout.checkpoint_root(self.cfg.run_dir)
-        newest = checkpoint_layout.latest_checkpoint(root, report=lambda _: None)
+        newest = checkpoint_layout.newest_in_run(self.cfg.run_dir)
         kept = f"the newest checkpoint, {newest.name}, is untouched" if newest else "there is no checkpoint yet"
         skipped = (f"after skipping {self.skipped} such step(s) (training.skip_nonfinite_steps={self.limit})"
                    if self.limit else "")
